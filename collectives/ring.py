@@ -1,0 +1,251 @@
+"""Pure ring schedules: all-reduce, all-gather, broadcast, point-to-point.
+
+No sockets here. An op object is fed received chunks and returns the chunks to send, so the schedules can be
+tested in-process and fuzzed. The driver (``peer.node``) moves the bytes.
+
+All-reduce is the pipelined ring: reduce-scatter then all-gather, N-1 steps each, over N contiguous chunks
+split into slices of at most ``slice_bytes`` (each slice is forwarded as soon as it is reduced). Peer ``r``
+ends the reduce-scatter owning chunk ``(r+1) % N``; the owner finishes it (``avg`` divides there) and the
+all-gather forwards those exact bytes unchanged, so every member ends with bit-identical results (I1).
+
+Memory discipline: a buffer handed out in a ``Send`` is never written again by this op (sends are
+zero-copy), so intermediate sums go into fresh arrays and the caller's input is only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from collectives import tensors
+from collectives.errors import ProtocolError
+from collectives.wire import (PHASE_ALL_GATHER, PHASE_BROADCAST, PHASE_P2P, PHASE_REDUCE_SCATTER, Chunk)
+
+
+@dataclass(frozen=True)
+class OpId:
+    epoch: int
+    group: str
+    seq: int
+
+
+@dataclass
+class Send:
+    to: str
+    msg: Chunk
+    payload: Any  # a buffer: numpy array or a received zmq frame forwarded unchanged
+
+
+def group_id(member_ids: tuple[str, ...] | list[str], kind: str = "g") -> str:
+    """Stable id of an ordered member subset (the world group uses ``"w"``)."""
+    h = hashlib.blake2b("\x00".join(member_ids).encode(), digest_size=10).hexdigest()
+    return f"{kind}{h}"
+
+
+def digest(arr: np.ndarray) -> bytes:
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(arr)).cast("B"), digest_size=16).digest()
+
+
+class RingOp:
+    """Common state of a ring collective: who I am, neighbours, expected slices."""
+
+    def __init__(self, op: OpId, ring: list[str], me: str, dtype: str, slice_bytes: int) -> None:
+        if me not in ring:
+            raise ProtocolError(f"{me} is not in the ring")
+        self.op, self.ring, self.me, self.dtype = op, list(ring), me, dtype
+        self.n = len(ring)
+        self.rank = ring.index(me)
+        self.left = ring[(self.rank - 1) % self.n]
+        self.right = ring[(self.rank + 1) % self.n]
+        self.itemsize = tensors.DTYPES[dtype].itemsize
+        self.slice_bytes = slice_bytes
+        self.remaining = 0
+        self.seen: set[tuple[int, int, int]] = set()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def _chunk(self, phase: int, step: int, part: int, count: int) -> Chunk:
+        return Chunk(self.op.epoch, self.op.group, self.op.seq, phase, step, part, self.dtype, count)
+
+    def _send(self, to: str, phase: int, step: int, part: int, payload: Any, count: int) -> Send:
+        self.bytes_sent += count * self.itemsize
+        return Send(to, self._chunk(phase, step, part, count), payload)
+
+    def _accept(self, sender: str, msg: Chunk, payload: Any, expect_from: str, phase: int, steps: int,
+                parts: list[tuple[int, int]]) -> np.ndarray:
+        """Validate one received slice; return it as a numpy array."""
+        if sender != expect_from:
+            raise ProtocolError(f"chunk from {sender}, expected {expect_from}")
+        if msg.phase != phase or msg.step >= steps or msg.part >= len(parts) or msg.dtype != self.dtype:
+            raise ProtocolError(f"unexpected chunk phase={msg.phase} step={msg.step} part={msg.part}")
+        key = (msg.phase, msg.step, msg.part)
+        if key in self.seen:
+            raise ProtocolError(f"duplicate chunk {key}")
+        lo, hi = parts[msg.part]
+        if msg.count != hi - lo:
+            raise ProtocolError(f"chunk has {msg.count} elements, expected {hi - lo}")
+        arr = tensors.from_payload(payload, self.dtype, msg.count)
+        self.seen.add(key)
+        self.remaining -= 1
+        self.bytes_received += arr.nbytes
+        return arr
+
+
+class AllReduce(RingOp):
+    """Ring all-reduce of ``src`` (read only). The result lands in ``self.result``."""
+
+    def __init__(self, op: OpId, ring: list[str], me: str, src: np.ndarray, dtype: str, reduce_op: str,
+                 slice_bytes: int) -> None:
+        super().__init__(op, ring, me, dtype, slice_bytes)
+        if reduce_op not in tensors.REDUCE_OPS:
+            raise ValueError(f"unknown reduce op {reduce_op}")
+        self.src, self.reduce_op = src, reduce_op
+        self.result = np.empty_like(src)
+        self.chunks = tensors.chunk_bounds(src.size, self.n)
+        self.parts = [tensors.slice_bounds(lo, hi, self.itemsize, slice_bytes) for lo, hi in self.chunks]
+        # RS receives N-1 chunks, AG receives N-1 chunks.
+        self.remaining = 0 if self.n == 1 else sum(
+            len(self.parts[self._rs_chunk(s)]) + len(self.parts[self._ag_chunk(s)]) for s in range(self.n - 1))
+
+    def _rs_chunk(self, step: int) -> int:
+        return (self.rank - step - 1) % self.n
+
+    def _ag_chunk(self, step: int) -> int:
+        return (self.rank - step) % self.n
+
+    def start(self) -> list[Send]:
+        if self.n == 1:
+            self.result[...] = self.src
+            return []
+        own = self.rank
+        return [self._send(self.right, PHASE_REDUCE_SCATTER, 0, k, self.src[lo:hi], hi - lo)
+                for k, (lo, hi) in enumerate(self.parts[own])]
+
+    def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
+        last = self.n - 2
+        if msg.phase == PHASE_REDUCE_SCATTER:
+            c = self._rs_chunk(msg.step) if msg.step <= last else -1
+            incoming = self._accept(sender, msg, payload, self.left, PHASE_REDUCE_SCATTER, self.n - 1,
+                                    self.parts[c])
+            lo, hi = self.parts[c][msg.part]
+            tmp = np.empty(hi - lo, dtype=self.src.dtype)
+            tensors.reduce_into(tmp, self.src[lo:hi], incoming, self.reduce_op, self.dtype)
+            if msg.step < last:
+                return [self._send(self.right, PHASE_REDUCE_SCATTER, msg.step + 1, msg.part, tmp, hi - lo)]
+            if self.reduce_op == "avg":
+                tensors.finish_avg(tmp, self.n, self.dtype)
+            self.result[lo:hi] = tmp
+            return [self._send(self.right, PHASE_ALL_GATHER, 0, msg.part, tmp, hi - lo)]
+        c = self._ag_chunk(msg.step) if msg.step <= last else -1
+        incoming = self._accept(sender, msg, payload, self.left, PHASE_ALL_GATHER, self.n - 1, self.parts[c])
+        lo, hi = self.parts[c][msg.part]
+        self.result[lo:hi] = incoming
+        if msg.step < last:
+            return [self._send(self.right, PHASE_ALL_GATHER, msg.step + 1, msg.part, payload, hi - lo)]
+        return []
+
+
+class AllGather(RingOp):
+    """Ring all-gather: every member contributes ``src`` (same size); result is N blocks in ring order."""
+
+    def __init__(self, op: OpId, ring: list[str], me: str, src: np.ndarray, dtype: str,
+                 slice_bytes: int) -> None:
+        super().__init__(op, ring, me, dtype, slice_bytes)
+        self.src = src
+        m = src.size
+        self.result = np.empty(m * self.n, dtype=src.dtype)
+        self.parts = [tensors.slice_bounds(b * m, (b + 1) * m, self.itemsize, slice_bytes) for b in range(self.n)]
+        self.remaining = sum(len(self.parts[self._recv_block(s)]) for s in range(self.n - 1))
+
+    def _recv_block(self, step: int) -> int:
+        return (self.rank - step - 1) % self.n
+
+    def start(self) -> list[Send]:
+        m = self.src.size
+        self.result[self.rank * m:(self.rank + 1) * m] = self.src
+        if self.n == 1:
+            return []
+        base = self.rank * m
+        return [self._send(self.right, PHASE_ALL_GATHER, 0, k, self.src[lo - base:hi - base], hi - lo)
+                for k, (lo, hi) in enumerate(self.parts[self.rank])]
+
+    def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
+        b = self._recv_block(msg.step) if msg.step < self.n - 1 else -1
+        incoming = self._accept(sender, msg, payload, self.left, PHASE_ALL_GATHER, self.n - 1, self.parts[b])
+        lo, hi = self.parts[b][msg.part]
+        self.result[lo:hi] = incoming
+        if msg.step < self.n - 2:
+            return [self._send(self.right, PHASE_ALL_GATHER, msg.step + 1, msg.part, payload, hi - lo)]
+        return []
+
+
+class Broadcast(RingOp):
+    """Chain broadcast from ``root`` along the ring; slices are forwarded as they arrive."""
+
+    def __init__(self, op: OpId, ring: list[str], me: str, root: str, buf: np.ndarray, dtype: str,
+                 slice_bytes: int) -> None:
+        super().__init__(op, ring, me, dtype, slice_bytes)
+        if root not in ring:
+            raise ValueError(f"root {root} is not a member")
+        self.root = root
+        self.pos = (self.rank - ring.index(root)) % self.n  # 0 = root
+        self.src = buf
+        self.result = buf if self.pos == 0 else np.empty_like(buf)
+        self.parts = tensors.slice_bounds(0, buf.size, self.itemsize, slice_bytes)
+        self.remaining = 0 if self.pos == 0 else len(self.parts)
+
+    def start(self) -> list[Send]:
+        if self.pos != 0 or self.n == 1:
+            return []
+        return [self._send(self.right, PHASE_BROADCAST, 0, k, self.src[lo:hi], hi - lo)
+                for k, (lo, hi) in enumerate(self.parts)]
+
+    def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
+        if self.pos == 0:
+            raise ProtocolError("root received broadcast data")
+        incoming = self._accept(sender, msg, payload, self.left, PHASE_BROADCAST, 1, self.parts)
+        lo, hi = self.parts[msg.part]
+        self.result[lo:hi] = incoming
+        if self.pos < self.n - 1:
+            return [self._send(self.right, PHASE_BROADCAST, 0, msg.part, payload, hi - lo)]
+        return []
+
+
+class PointToPoint(RingOp):
+    """One tensor from ``src_peer`` to ``dst_peer``. The sender is done on the receiver's ack."""
+
+    def __init__(self, op: OpId, me: str, src_peer: str, dst_peer: str, buf: np.ndarray, dtype: str,
+                 slice_bytes: int) -> None:
+        super().__init__(op, [src_peer, dst_peer], me, dtype, slice_bytes)
+        self.sending = me == src_peer
+        self.peer = dst_peer if self.sending else src_peer
+        self.src = buf
+        self.result = buf if self.sending else np.empty_like(buf)
+        self.parts = tensors.slice_bounds(0, buf.size, self.itemsize, slice_bytes)
+        self.remaining = 1 if self.sending else len(self.parts)  # sender waits for one ack
+
+    def start(self) -> list[Send]:
+        if not self.sending:
+            return []
+        return [self._send(self.peer, PHASE_P2P, 0, k, self.src[lo:hi], hi - lo)
+                for k, (lo, hi) in enumerate(self.parts)]
+
+    def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
+        if self.sending:
+            raise ProtocolError("sender received point-to-point data")
+        incoming = self._accept(sender, msg, payload, self.peer, PHASE_P2P, 1, self.parts)
+        lo, hi = self.parts[msg.part]
+        self.result[lo:hi] = incoming
+        return []
+
+    def on_ack(self, sender: str) -> None:
+        if not self.sending or sender != self.peer or self.remaining == 0:
+            raise ProtocolError(f"unexpected point-to-point ack from {sender}")
+        self.remaining = 0

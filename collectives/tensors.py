@@ -1,0 +1,150 @@
+"""Tensor bytes: the dtype allowlist, zero-copy views of torch/numpy buffers, chunking and reduction.
+
+Pure functions on flat numpy arrays. bfloat16 (which numpy lacks) travels as its raw uint16 bits and is
+reduced by widening to float32 and rounding back to nearest-even, so every peer computes the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from collectives.errors import LocalError, WireError
+
+# name -> (numpy storage dtype, itemsize). bfloat16 is stored as uint16 bits.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.uint16),
+    "int32": np.dtype(np.int32),
+    "int64": np.dtype(np.int64),
+    "uint8": np.dtype(np.uint8),
+}
+REDUCE_OPS = ("sum", "avg", "min", "max")
+
+_TORCH_NAMES = {
+    "torch.float32": "float32", "torch.float64": "float64", "torch.float16": "float16",
+    "torch.bfloat16": "bfloat16", "torch.int32": "int32", "torch.int64": "int64", "torch.uint8": "uint8",
+}
+
+
+def flat_view(t: Any) -> tuple[np.ndarray, str]:
+    """A 1-D numpy view sharing memory with a contiguous CPU torch tensor or numpy array.
+
+    Returns (view, dtype name). Raises ``LocalError`` for anything we cannot reduce in place.
+    """
+    if isinstance(t, np.ndarray):
+        name = t.dtype.name
+        if name not in DTYPES or name == "uint16":
+            raise LocalError(f"unsupported numpy dtype {t.dtype}")
+        if not t.flags.c_contiguous:
+            raise LocalError("array must be C-contiguous")
+        if not t.flags.writeable:
+            raise LocalError("array must be writeable")
+        return t.reshape(-1), name
+    mod = type(t).__module__
+    if mod.startswith("torch"):
+        name = _TORCH_NAMES.get(str(t.dtype))
+        if name is None:
+            raise LocalError(f"unsupported torch dtype {t.dtype}")
+        if t.device.type != "cpu":
+            raise LocalError("only CPU tensors are supported (copy to CPU first)")
+        if not t.is_contiguous():
+            raise LocalError("tensor must be contiguous")
+        if t.requires_grad and t.is_leaf:
+            t = t.detach()
+        flat = t.detach().reshape(-1)
+        if name == "bfloat16":
+            import torch  # local import: collectives never needs torch unless given torch tensors
+
+            return flat.view(torch.int16).numpy().view(np.uint16), name
+        return flat.numpy(), name
+    raise LocalError(f"expected a torch tensor or numpy array, got {type(t).__name__}")
+
+
+def from_payload(buf: Any, dtype: str, count: int) -> np.ndarray:
+    """Interpret received bytes as ``count`` elements of ``dtype``; the byte count must match exactly."""
+    npdt = DTYPES.get(dtype)
+    if npdt is None:
+        raise WireError(f"dtype {dtype!r:.20} not allowed")
+    mv = memoryview(buf)
+    if mv.nbytes != count * npdt.itemsize:
+        raise WireError(f"payload has {mv.nbytes} bytes, header says {count} x {dtype}")
+    return np.frombuffer(mv, dtype=npdt, count=count)
+
+
+# ---------------------------------------------------------------- bfloat16 bit arithmetic
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Round float32 to bfloat16 bits, nearest-even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    if out is None:
+        return rounded
+    out[...] = rounded
+    return out
+
+
+# ---------------------------------------------------------------- reduction
+
+_NP_OPS: dict[str, Callable[..., np.ndarray]] = {"sum": np.add, "avg": np.add, "min": np.minimum, "max": np.maximum}
+
+
+def reduce_into(out: np.ndarray, a: np.ndarray, b: np.ndarray, op: str, dtype: str) -> np.ndarray:
+    """out = a (op) b elementwise. ``out`` may alias ``a``. Deterministic: a (op) b == b (op) a bitwise."""
+    fn = _NP_OPS[op]
+    if dtype == "bfloat16":
+        return f32_to_bf16(fn(bf16_to_f32(a), bf16_to_f32(b)), out=out)
+    return fn(a, b, out=out)
+
+
+def finish_avg(x: np.ndarray, n: int, dtype: str) -> None:
+    """In place: divide a sum by ``n`` (floor division for integers)."""
+    if dtype == "bfloat16":
+        f32_to_bf16(bf16_to_f32(x) / np.float32(n), out=x)
+    elif dtype.startswith("int") or dtype == "uint8":
+        np.floor_divide(x, n, out=x)
+    else:
+        np.divide(x, x.dtype.type(n), out=x)
+
+
+def reference_reduce(arrays: Sequence[np.ndarray], op: str, dtype: str) -> np.ndarray:
+    """Left-to-right reduction of several arrays (what a test compares against)."""
+    acc = arrays[0].copy()
+    for other in arrays[1:]:
+        reduce_into(acc, acc, other, op, dtype)
+    if op == "avg":
+        finish_avg(acc, len(arrays), dtype)
+    return acc
+
+
+# ---------------------------------------------------------------- chunking
+
+def chunk_bounds(n_elems: int, n_chunks: int) -> list[tuple[int, int]]:
+    """Split [0, n_elems) into ``n_chunks`` contiguous ranges whose sizes differ by at most one."""
+    if n_chunks <= 0:
+        raise LocalError("n_chunks must be positive")
+    base, extra = divmod(n_elems, n_chunks)
+    bounds, start = [], 0
+    for i in range(n_chunks):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def slice_bounds(start: int, stop: int, itemsize: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Split [start, stop) into pieces of at most ``max_bytes`` (at least one piece, possibly empty)."""
+    per = max(1, max_bytes // itemsize)
+    if stop <= start:
+        return [(start, start)]
+    return [(s, min(s + per, stop)) for s in range(start, stop, per)]

@@ -1,0 +1,241 @@
+"""The one module that touches sockets: a pyzmq endpoint per peer.
+
+Each peer binds one ROUTER (its address) and opens one DEALER per peer it sends to, with its own id as the
+zmq identity, so the receiving ROUTER knows who sent each message. Every outbound link has a socket monitor:
+a connection that drops and is then refused means the remote process is gone, which we report at once
+(no waiting for a TCP keepalive). Messages to ourselves are delivered through a local queue.
+
+Bounds (I4): zmq drops a connection whose frame exceeds ``max_frame_bytes``; ``rcv_hwm`` bounds the
+messages queued per sender (back-pressure beyond it); every header is decoded by ``collectives.wire`` with its
+own limits; a message with the wrong number of frames or an invalid sender id is reported as ``Bad``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from collectives import wire
+from collectives.errors import WireError
+from collectives.security import Insecure, Security
+
+log = logging.getLogger(__name__)
+
+_MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+                   | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = 16 * 1024 * 1024 + 64 * 1024
+    rcv_hwm: int = 256
+    max_batch: int = 64  # messages handled per poll before timers get a turn
+
+
+@dataclass
+class Received:
+    sender: str
+    msg: wire.Message
+    payload: Any  # zmq.Frame or None
+
+
+@dataclass
+class Bad:
+    """A sender (possibly unidentifiable: ``sender == ""``) sent something we refuse."""
+    sender: str
+    error: WireError
+
+
+@dataclass
+class LinkEvent:
+    peer: str
+    kind: str  # "up" | "down" | "refused" | "auth_failed"
+
+
+Event = Union[Received, Bad, LinkEvent]
+
+
+@dataclass
+class _Link:
+    addr: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    up: bool = False
+
+
+@dataclass
+class Counters:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    msgs_sent: int = 0
+    msgs_received: int = 0
+    per_peer_sent: dict[str, int] = field(default_factory=dict)
+
+
+class Transport:
+    def __init__(self, my_id: str, host: str = "127.0.0.1", port: int = 0, *,
+                 security: Security | None = None, limits: Limits | None = None) -> None:
+        self.my_id = wire.check_peer_id(my_id)
+        self.limits = limits or Limits()
+        self.security = security or Insecure()
+        self.ctx = zmq.Context(io_threads=1)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+        self.router.setsockopt(zmq.RCVHWM, self.limits.rcv_hwm)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.security.configure_server(self.router)
+        bracket = f"[{host}]" if ":" in host else host
+        if ":" in host:
+            self.router.setsockopt(zmq.IPV6, 1)
+        self.router.bind(f"tcp://{bracket}:{port}")
+        endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.addr = wire.check_addr(endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.links: dict[str, _Link] = {}
+        self._by_monitor: dict[zmq.Socket, str] = {}
+        self._local: collections.deque[Received] = collections.deque()
+        self.counters = Counters()
+        self.closed = False
+
+    # ------------------------------------------------------------------ links
+    def connect(self, peer: str, addr: str) -> None:
+        """Open (or re-point) the outbound link to ``peer``."""
+        if peer == self.my_id:
+            return
+        link = self.links.get(peer)
+        if link is not None:
+            if link.addr == addr:
+                return
+            self.disconnect(peer)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.my_id.encode())
+        sock.setsockopt(zmq.SNDHWM, 0)  # what we queue is bounded by our own ops
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.IMMEDIATE, 0)
+        if addr.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        self.security.configure_client(sock, peer)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        sock.connect(addr)
+        self.links[peer] = _Link(addr, sock, monitor)
+        self._by_monitor[monitor] = peer
+        self.poller.register(monitor, zmq.POLLIN)
+
+    def disconnect(self, peer: str) -> None:
+        link = self.links.pop(peer, None)
+        if link is None:
+            return
+        self._by_monitor.pop(link.monitor, None)
+        self.poller.unregister(link.monitor)
+        link.sock.disable_monitor()
+        link.monitor.close(linger=0)
+        link.sock.close(linger=0)
+
+    def is_up(self, peer: str) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.up
+
+    # ------------------------------------------------------------------ send / receive
+    def send(self, peer: str, msg: wire.Message, payload: Any = None) -> None:
+        header = wire.encode(msg)
+        if peer == self.my_id:
+            frame = None if payload is None else zmq.Frame(bytes(memoryview(payload).cast("B")))
+            self._local.append(Received(self.my_id, msg, frame))
+            return
+        link = self.links.get(peer)
+        if link is None:
+            raise KeyError(f"no link to {peer}")
+        if payload is None:
+            link.sock.send(header, copy=True)
+            size = len(header)
+        else:
+            link.sock.send_multipart([header, payload], copy=False)
+            size = len(header) + memoryview(payload).nbytes
+        c = self.counters
+        c.bytes_sent += size
+        c.msgs_sent += 1
+        c.per_peer_sent[peer] = c.per_peer_sent.get(peer, 0) + size
+
+    def poll(self, timeout_ms: int, extra: Any = None) -> tuple[list[Event], bool]:
+        """Wait up to ``timeout_ms``; return (events, extra_ready) where extra is a registered fd."""
+        if self._local:
+            timeout_ms = 0
+        ready = dict(self.poller.poll(timeout_ms))
+        events: list[Event] = []
+        while self._local:
+            events.append(self._local.popleft())
+        for sock in list(ready):
+            if sock is self.router:
+                events.extend(self._drain_router())
+            elif isinstance(sock, zmq.Socket) and sock in self._by_monitor:
+                events.extend(self._drain_monitor(sock))
+        return events, (extra is not None and extra in ready)
+
+    def _drain_router(self) -> Iterator[Event]:
+        for _ in range(self.limits.max_batch):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            yield self._parse(frames)
+
+    def _parse(self, frames: list[zmq.Frame]) -> Event:
+        ident = frames[0].bytes
+        try:
+            sender = wire.check_peer_id(ident.decode("ascii"))
+        except (UnicodeDecodeError, WireError):
+            return Bad("", WireError(f"invalid sender identity {ident[:40]!r}"))
+        try:
+            self.security.check_sender(frames[1], sender)
+            if len(frames) not in (2, 3):
+                raise WireError(f"message with {len(frames) - 1} frames")
+            msg = wire.decode(frames[1].buffer)
+            if msg.HAS_PAYLOAD != (len(frames) == 3):
+                raise WireError(f"{type(msg).__name__}: wrong payload frame count")
+        except WireError as exc:
+            return Bad(sender, exc)
+        payload = frames[2] if len(frames) == 3 else None
+        size = sum(len(f) for f in frames[1:])
+        self.counters.bytes_received += size
+        self.counters.msgs_received += 1
+        return Received(sender, msg, payload)
+
+    def _drain_monitor(self, monitor: zmq.Socket) -> Iterator[LinkEvent]:
+        peer = self._by_monitor[monitor]
+        link = self.links[peer]
+        while True:
+            try:
+                ev = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = ev["event"]
+            if kind in (zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
+                if not link.up and (kind == zmq.EVENT_HANDSHAKE_SUCCEEDED or not self.security.handshakes):
+                    link.up = True
+                    yield LinkEvent(peer, "up")
+            elif kind == zmq.EVENT_DISCONNECTED:
+                link.up = False
+                yield LinkEvent(peer, "down")
+            elif kind == zmq.EVENT_CONNECT_RETRIED:
+                yield LinkEvent(peer, "refused")
+            else:
+                yield LinkEvent(peer, "auth_failed")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for peer in list(self.links):
+            self.disconnect(peer)
+        self.router.close(linger=0)
+        self.ctx.term()

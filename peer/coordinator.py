@@ -1,0 +1,296 @@
+"""The coordinator role: orders membership epochs, runs topology votes, gives every op its one verdict.
+
+Pure: it takes (sender, message, now) and link events, and returns actions; ``peer.node`` does the I/O.
+It carries no tensor data. It can run standalone or inside any peer, and any surviving member can become
+the next one (``reforming``): the survivors tell the successor what they know, and it re-forms the swarm.
+
+Machine (per peer id, as the coordinator sees it)::
+
+    unknown --Join--> pending --vote completes / fewer than 2 members--> member
+    pending|member --Leave / heartbeat timeout / link refused / link down > grace / protocol fault--> gone
+
+Invariants:
+- the epoch number only grows; every change of the member list makes a new epoch (I1, membership model);
+- an op gets exactly one verdict, recorded in ``decided``; a verdict is sent before any EpochUpdate that
+  follows it on the same link, so a peer that sees a newer epoch may abort everything still undecided (I2);
+- every wait has a deadline: votes and ops wait only for members, and members are evicted on silence (I3).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Union
+
+from collectives import wire
+from collectives.ring import group_id
+from peer.config import Timeouts
+
+log = logging.getLogger(__name__)
+
+WORLD = "w"
+MAX_DECIDED = 8192
+
+
+@dataclass
+class Out:
+    to: str
+    msg: wire.Message
+
+
+@dataclass
+class Connect:
+    peer: str
+    addr: str
+
+
+@dataclass
+class Drop:
+    peer: str
+
+
+Action = Union[Out, Connect, Drop]
+
+
+@dataclass
+class _Op:
+    members: tuple[str, ...]
+    done: dict[str, bytes] = field(default_factory=dict)
+
+
+class CoordinatorCore:
+    def __init__(self, me: str, me_addr: str, timeouts: Timeouts, now: float, *, term: int = 1,
+                 epoch: int = 0, members: list[tuple[str, str]] | None = None,
+                 reform_expected: set[str] | None = None) -> None:
+        self.me, self.me_addr, self.t = me, me_addr, timeouts
+        self.term, self.epoch = term, epoch
+        self.members: list[str] = [m for m, _ in members or []]
+        self.addrs: dict[str, str] = dict(members or [])
+        self.pending: list[str] = []
+        self.last_seen: dict[str, float] = {m: now for m in self.members}
+        self.down_since: dict[str, float] = {}
+        self.votes: set[str] = set()
+        self.ops: dict[tuple[int, str, int], _Op] = {}
+        self.decided: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self.evictions = 0
+        # reform state (successor after a coordinator failure)
+        self.reforming = reform_expected is not None
+        self.reform_deadline = now + timeouts.reform_window
+        self.reform_expected = set(reform_expected or ())
+        self.rejoined: dict[str, wire.Rejoin] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _epoch_update(self, reason: str) -> list[Action]:
+        msg = wire.EpochUpdate(self.term, self.epoch, self.me, self.me_addr, tuple(self.members),
+                               tuple(self.addrs[m] for m in self.members), reason)
+        log.info("coordinator %s: epoch %d members=%s (%s)", self.me, self.epoch, self.members, reason)
+        return [Out(m, msg) for m in self.members]
+
+    def _decide(self, key: tuple[int, str, int], members: tuple[str, ...], commit: bool,
+                reason: str) -> list[Action]:
+        skey = wire.op_key(*key)
+        self.decided[skey] = commit
+        while len(self.decided) > MAX_DECIDED:
+            self.decided.popitem(last=False)
+        self.ops.pop(key, None)
+        verdict = wire.OpVerdict(self.term, key[0], key[1], key[2], commit, len(self.pending), reason)
+        return [Out(m, verdict) for m in members if m in self.addrs]
+
+    def _abort_open_ops(self, reason: str) -> list[Action]:
+        out: list[Action] = []
+        for key, op in list(self.ops.items()):
+            out += self._decide(key, op.members, False, reason)
+        return out
+
+    def _new_epoch(self, reason: str) -> list[Action]:
+        out = self._abort_open_ops(f"membership changed: {reason}")
+        self.epoch += 1
+        self.votes.clear()
+        return out + self._epoch_update(reason)
+
+    def evict(self, peer: str, reason: str) -> list[Action]:
+        if peer in self.pending:
+            self.pending.remove(peer)
+            self.addrs.pop(peer, None)
+            self.last_seen.pop(peer, None)
+            return [Drop(peer)]
+        if peer not in self.members:
+            return []
+        log.warning("coordinator %s: evicting %s (%s)", self.me, peer, reason)
+        self.evictions += 1
+        self.members.remove(peer)
+        self.last_seen.pop(peer, None)
+        self.down_since.pop(peer, None)
+        out = self._new_epoch(f"{peer} lost: {reason}")
+        self.addrs.pop(peer, None)
+        return out + [Drop(peer)]
+
+    def _admit_pending(self, reason: str) -> list[Action]:
+        joined = list(self.pending)
+        self.members += joined
+        self.pending.clear()
+        return self._new_epoch(f"{reason}: {','.join(joined)} joined")
+
+    def _stale(self, peer: str, reason: str) -> Out:
+        return Out(peer, wire.Stale(self.term, self.epoch, self.me, self.me_addr, reason))
+
+    # ------------------------------------------------------------------ inputs
+    def on_message(self, sender: str, msg: wire.Message, now: float) -> list[Action]:
+        if sender in self.last_seen:
+            self.last_seen[sender] = now
+        if isinstance(msg, wire.Rejoin):
+            return self._on_rejoin(sender, msg, now)
+        if self.reforming:
+            return []  # everything else waits until the swarm has re-formed
+        if isinstance(msg, wire.Join):
+            return self._on_join(sender, msg, now)
+        known = sender in self.members or sender in self.pending
+        if not known:
+            if isinstance(msg, (wire.Heartbeat, wire.TopologyVote, wire.OpDone, wire.OpFail, wire.Suspect)):
+                if sender in self.addrs or isinstance(msg, wire.Heartbeat):
+                    return [self._stale(sender, "not a member")] if sender in self.addrs else []
+            return []
+        if isinstance(msg, wire.Heartbeat):
+            return [Out(sender, wire.HeartbeatAck(self.term, self.epoch, len(self.pending)))]
+        if isinstance(msg, wire.Leave):
+            return self.evict(sender, "left")
+        if sender not in self.members:
+            return []  # pending peers may only heartbeat or leave
+        if isinstance(msg, wire.TopologyVote):
+            return self._on_vote(sender, msg)
+        if isinstance(msg, (wire.OpDone, wire.OpFail)):
+            return self._on_op(sender, msg)
+        if isinstance(msg, wire.Suspect):
+            if msg.suspect_id in self.members and msg.suspect_id != sender:
+                if msg.reason.startswith("protocol") or msg.suspect_id in self.down_since:
+                    return self.evict(msg.suspect_id, f"reported by {sender}: {msg.reason}")
+            return []
+        return []
+
+    def _on_join(self, sender: str, msg: wire.Join, now: float) -> list[Action]:
+        if msg.peer_id != sender:
+            return []
+        out: list[Action] = []
+        if sender in self.members:  # it restarted: the old incarnation is gone
+            out += self.evict(sender, "rejoined as a new incarnation")
+        out.append(Connect(sender, msg.addr))
+        self.addrs[sender] = msg.addr
+        self.last_seen[sender] = now
+        self.down_since.pop(sender, None)
+        if sender not in self.pending:
+            self.pending.append(sender)
+        out.append(Out(sender, wire.Welcome(self.term, self.epoch, self.me)))
+        if len(self.members) < 2:
+            out += self._admit_pending("bootstrap")  # no collective can be running: admit at once
+        return out
+
+    def _on_vote(self, sender: str, msg: wire.TopologyVote) -> list[Action]:
+        if msg.epoch != self.epoch:
+            return [Out(sender, wire.TopologyDone(self.term, msg.epoch, self.epoch))]
+        self.votes.add(sender)
+        if not set(self.members) <= self.votes:
+            return []
+        voters = list(self.members)
+        voted = self.epoch
+        out: list[Action] = self._admit_pending("topology update") if self.pending else []
+        self.votes.clear()
+        return out + [Out(m, wire.TopologyDone(self.term, voted, self.epoch)) for m in voters]
+
+    def _on_op(self, sender: str, msg: wire.OpDone | wire.OpFail) -> list[Action]:
+        key = (msg.epoch, msg.group, msg.seq)
+        skey = wire.op_key(*key)
+        if skey in self.decided:
+            commit = self.decided[skey]
+            return [Out(sender, wire.OpVerdict(self.term, *key, commit, len(self.pending), "already decided"))]
+        if msg.epoch != self.epoch:
+            self.decided[skey] = False
+            return [Out(sender, wire.OpVerdict(self.term, *key, False, len(self.pending), "stale epoch"))]
+        if msg.group == WORLD:
+            members = tuple(self.members)
+        else:
+            members = msg.members
+            if (group_id(members) != msg.group and not msg.group.startswith("p")) or \
+                    not set(members) <= set(self.members) or sender not in members:
+                return [Out(sender, wire.OpVerdict(self.term, *key, False, len(self.pending), "bad group"))]
+        op = self.ops.setdefault(key, _Op(members))
+        if isinstance(msg, wire.OpFail):
+            return self._decide(key, op.members, False, f"{sender}: {msg.reason}")
+        op.done[sender] = msg.digest
+        if not set(op.members) <= set(op.done):
+            return []
+        digests = {d for d in op.done.values() if d}
+        if len(digests) > 1:
+            return self._decide(key, op.members, False, "result digests differ (parity violation)")
+        return self._decide(key, op.members, True, "")
+
+    def on_link(self, peer: str, kind: str, now: float) -> list[Action]:
+        if peer not in self.members and peer not in self.pending:
+            return []
+        if kind == "up":
+            self.down_since.pop(peer, None)
+            return []
+        if kind == "down":
+            self.down_since.setdefault(peer, now)
+            return []
+        if kind == "refused" and peer in self.down_since:
+            return self.evict(peer, "connection refused (process gone)")
+        if kind == "auth_failed":
+            return self.evict(peer, "authentication failed")
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        if self.reforming:
+            if now >= self.reform_deadline or self.reform_expected <= set(self.rejoined):
+                return self._finish_reform(now)
+            return []
+        out: list[Action] = []
+        for peer in list(self.members) + list(self.pending):
+            if peer == self.me:
+                continue
+            silent = now - self.last_seen.get(peer, now)
+            down = now - self.down_since.get(peer, now)
+            if silent > self.t.heartbeat_timeout:
+                out += self.evict(peer, f"silent for {silent:.1f}s")
+            elif down > self.t.reconnect_grace:
+                out += self.evict(peer, f"link down for {down:.1f}s")
+        return out
+
+    # ------------------------------------------------------------------ failover
+    def _on_rejoin(self, sender: str, msg: wire.Rejoin, now: float) -> list[Action]:
+        if not self.reforming:
+            if msg.term <= self.term and sender in self.members:
+                return []  # a late straggler that is still a member: nothing to do
+            # a survivor we did not wait for: it is stale and must rejoin as a new peer
+            self.addrs.setdefault(sender, msg.addr)
+            return [Connect(sender, msg.addr), self._stale(sender, "re-formed without you")]
+        if msg.term != self.term:
+            return []
+        self.rejoined[sender] = msg
+        self.addrs[sender] = msg.addr
+        self.last_seen[sender] = now
+        return [Connect(sender, msg.addr)]
+
+    def _finish_reform(self, now: float) -> list[Action]:
+        self.reforming = False
+        self.members = [m for m in self.members if m in self.rejoined]
+        for m in list(self.addrs):
+            if m not in self.members:
+                self.addrs.pop(m)
+        committed = {k for r in self.rejoined.values() for k in r.committed}
+        out: list[Action] = []
+        for peer, r in self.rejoined.items():
+            for skey in r.awaiting:
+                try:
+                    e, g, s = wire.parse_op_key(skey)
+                except wire.WireError:
+                    continue
+                commit = skey in committed
+                self.decided[skey] = commit
+                out.append(Out(peer, wire.OpVerdict(self.term, e, g, s, commit, 0,
+                                                    "resolved by successor")))
+        for m in self.members:
+            self.last_seen[m] = now
+        self.epoch += 1
+        log.warning("coordinator %s: re-formed swarm under term %d with %s", self.me, self.term, self.members)
+        return out + self._epoch_update(f"re-formed under {self.me} (term {self.term})")

@@ -1,0 +1,454 @@
+"""The peer node: one I/O thread that owns the transport, the membership client, the op engine and
+(when this process holds the role) the coordinator core.
+
+User threads never touch sockets: they put a command on a queue, poke a pipe, and wait on a ``Handle``.
+
+Membership client states::
+
+    joining --Welcome--> pending --EpochUpdate with me--> member --Stale--> stale --rejoin()--> joining
+    member --coordinator dead--> reforming --EpochUpdate from successor--> member
+                                           --no candidate answers--> stale
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from collectives import wire
+from collectives.errors import CoordinatorUnavailable, LocalError, StaleError, TooFewPeers
+from collectives.transport import Bad, LinkEvent, Received, Transport
+from peer.config import PeerConfig, normalize_addr
+from peer.coordinator import Action, Connect, CoordinatorCore, Drop, Out
+from peer.handle import Handle
+from peer.ops import OpEngine, OpSpec
+
+log = logging.getLogger(__name__)
+
+_TO_COORDINATOR = (wire.Join, wire.Heartbeat, wire.Leave, wire.TopologyVote, wire.OpDone, wire.OpFail,
+                   wire.Suspect, wire.Rejoin)
+_FROM_COORDINATOR = (wire.Welcome, wire.HeartbeatAck, wire.EpochUpdate, wire.TopologyDone, wire.OpVerdict,
+                     wire.Stale, wire.Redirect)
+SEED = "@seed"
+
+
+class Node:
+    def __init__(self, cfg: PeerConfig) -> None:
+        self.cfg = cfg
+        self.t = cfg.timeouts
+        self.id = cfg.peer_id
+        self.transport = Transport(cfg.peer_id, cfg.host, cfg.port, limits=cfg.limits)
+        self.addr = self.transport.addr
+        self.state = "joining" if cfg.member else "coordinator"
+        self.term = 0
+        self.epoch = 0
+        self.members: list[str] = []
+        self.addrs: dict[str, str] = {}
+        self.coord_id = ""
+        self.coord_addr = ""
+        self.coord: Optional[CoordinatorCore] = None
+        self.last_ack = time.monotonic()
+        self.coord_down_since: Optional[float] = None
+        self.join_addrs = [normalize_addr(a) for a in cfg.join]
+        self.join_index = 0
+        self.join_deadline = 0.0
+        self.join_retry_at = 0.0
+        self.reform_candidates: list[str] = []
+        self.reform_term = 0
+        self.reform_deadline = 0.0
+        self.early_rejoins: list[tuple[str, wire.Rejoin]] = []
+        self.engine = OpEngine(self.id, cfg.slice_bytes, cfg.parity_digest, cfg.max_early_bytes,
+                               self._send, self._to_coordinator, self._suspect)
+        self.admitted = threading.Condition()
+        self.topology_waiters: list[Handle] = []
+        self.events: list[tuple[float, str, str]] = []  # (wall time, kind, detail): membership history
+        self._cmds: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"swarm-{self.id}", daemon=True)
+        self.error: Optional[BaseException] = None
+        now = time.monotonic()
+        if cfg.coordinator:
+            self.coord = CoordinatorCore(self.id, self.addr, self.t, now)
+            self.coord_id, self.coord_addr, self.term = self.id, self.addr, 1
+        if cfg.member:
+            self.join_deadline = now + self.t.join_timeout
+            if not cfg.coordinator:
+                self.join_addrs = self.join_addrs or []
+
+    # ------------------------------------------------------------------ thread plumbing
+    def start(self) -> "Node":
+        self._thread.start()
+        if self.cfg.member:
+            self.call(self._begin_join)
+        return self
+
+    def call(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the I/O thread."""
+        self._cmds.put((fn, args))
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # pipe closed during shutdown
+            pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self.call(lambda: None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("%s: I/O thread did not stop within %.1fs", self.id, timeout)
+            return
+        self.transport.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                events, woke = self.transport.poll(50, extra=self._wake_r)
+                if woke:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                while True:
+                    try:
+                        fn, args = self._cmds.get_nowait()
+                    except queue.Empty:
+                        break
+                    fn(*args)
+                now = time.monotonic()
+                for ev in events:
+                    self._on_event(ev, now)
+                self._tick(time.monotonic())
+        except Exception as exc:  # the I/O thread must never die silently (I5)
+            log.exception("%s: I/O thread crashed", self.id)
+            self.error = exc
+            self.engine.fail_all(lambda: LocalError(f"peer I/O thread crashed: {exc!r}"))
+            self._wake_waiters(LocalError(f"peer I/O thread crashed: {exc!r}"))
+
+    def _note(self, kind: str, detail: str) -> None:
+        self.events.append((time.time(), kind, detail))
+        if len(self.events) > 10000:
+            del self.events[:1000]
+
+    # ------------------------------------------------------------------ sending
+    def _send(self, to: str, msg: wire.Message, payload: Any = None) -> None:
+        if to != self.id and to not in self.transport.links:
+            addr = self.addrs.get(to)
+            if addr is None:
+                log.debug("%s: no address for %s; dropping %s", self.id, to, type(msg).__name__)
+                return
+            self.transport.connect(to, addr)
+        self.transport.send(to, msg, payload)
+
+    def _to_coordinator(self, msg: wire.Message) -> None:
+        if self.coord_id:
+            self._send(self.coord_id, msg)
+
+    def _suspect(self, peer: str, reason: str) -> None:
+        log.warning("%s: suspect %s: %s", self.id, peer, reason)
+        self._note("suspect", f"{peer}: {reason}")
+        self._to_coordinator(wire.Suspect(self.term, self.epoch, peer, reason[:500]))
+
+    def _apply(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Out):
+                self._send(a.to, a.msg)
+            elif isinstance(a, Connect):
+                self.addrs[a.peer] = a.addr
+                if a.peer != self.id:
+                    self.transport.connect(a.peer, a.addr)
+            elif isinstance(a, Drop):
+                if a.peer not in self.members and a.peer != self.coord_id:
+                    self.transport.disconnect(a.peer)
+
+    # ------------------------------------------------------------------ events
+    def _on_event(self, ev: Any, now: float) -> None:
+        if isinstance(ev, Received):
+            self._on_message(ev.sender, ev.msg, ev.payload, now)
+        elif isinstance(ev, LinkEvent):
+            if self.coord is not None:
+                self._apply(self.coord.on_link(ev.peer, ev.kind, now))
+            if ev.peer == self.coord_id and self.coord is None:
+                if ev.kind == "down":
+                    self.coord_down_since = now
+                elif ev.kind == "up":
+                    self.coord_down_since = None
+                elif ev.kind == "refused" and self.coord_down_since is not None:
+                    self._coordinator_dead(now, "connection refused")
+        elif isinstance(ev, Bad):
+            log.warning("%s: bad message from %r: %s", self.id, ev.sender, ev.error)
+            self._note("bad_input", f"{ev.sender}: {ev.error}")
+            if ev.sender and ev.sender in self.members:
+                self._suspect(ev.sender, f"protocol: {ev.error}")
+            if ev.sender and self.coord is not None:
+                self._apply(self.coord.evict(ev.sender, f"protocol: {ev.error}"))
+
+    def _on_message(self, sender: str, msg: wire.Message, payload: Any, now: float) -> None:
+        if isinstance(msg, wire.Chunk):
+            self.engine.on_chunk(sender, msg, payload, now)
+        elif isinstance(msg, wire.P2PAck):
+            self.engine.on_ack(sender, msg, now)
+        elif isinstance(msg, _TO_COORDINATOR):
+            self._to_coordinator_role(sender, msg, now)
+        elif isinstance(msg, _FROM_COORDINATOR):
+            self._from_coordinator(sender, msg, now)
+
+    def _to_coordinator_role(self, sender: str, msg: wire.Message, now: float) -> None:
+        if self.coord is not None:
+            self._apply(self.coord.on_message(sender, msg, now))
+            return
+        if isinstance(msg, wire.Join) and self.coord_id and msg.peer_id == sender:
+            self.transport.connect(sender, msg.addr)
+            self.addrs.setdefault(sender, msg.addr)
+            self._send(sender, wire.Redirect(self.coord_id, self.coord_addr))
+        elif isinstance(msg, wire.Rejoin) and msg.term > self.term:
+            # A survivor thinks the coordinator is dead and that I am its successor.
+            self.early_rejoins.append((sender, msg))
+            self.addrs.setdefault(sender, msg.addr)
+            if self.state == "member" and not self.transport.is_up(self.coord_id):
+                self._coordinator_dead(now, f"{sender} reports it gone")
+
+    def _from_coordinator(self, sender: str, msg: wire.Message, now: float) -> None:
+        term = getattr(msg, "term", None)
+        if isinstance(msg, wire.Stale):
+            if sender == self.coord_id or msg.term > self.term:
+                self._become_stale(msg, now)
+            return
+        if isinstance(msg, wire.Redirect):
+            if self.state == "joining":
+                self._seed(msg.coord_addr)
+                self._send(SEED, wire.Join(self.id, self.addr, self.cfg.swarm))
+            return
+        if term is not None and term < self.term:
+            # An old coordinator that has been replaced: tell it.
+            if sender in self.addrs or sender in self.transport.links:
+                self._send(sender, wire.Stale(self.term, self.epoch, self.coord_id, self.coord_addr,
+                                              "your term is over"))
+            return
+        if isinstance(msg, wire.Welcome):
+            if self.state == "joining":
+                self.state = "pending"
+                self._adopt_coordinator(sender, self._seed_addr(), msg.term)
+                self._note("pending", f"waiting for admission by {sender}")
+            return
+        if sender != self.coord_id and not (isinstance(msg, wire.EpochUpdate) and
+                                            (term or 0) >= self.term):
+            return
+        if isinstance(msg, wire.HeartbeatAck):
+            self.last_ack = now
+        elif isinstance(msg, wire.EpochUpdate):
+            self._on_epoch(sender, msg, now)
+        elif isinstance(msg, wire.OpVerdict):
+            self.engine.on_verdict(msg, now)
+        elif isinstance(msg, wire.TopologyDone):
+            self._wake_waiters(None)
+
+    def _seed(self, addr: str) -> None:
+        self.transport.disconnect(SEED)
+        self.transport.connect(SEED, addr)
+
+    def _seed_addr(self) -> str:
+        link = self.transport.links.get(SEED)
+        return link.addr if link else self.coord_addr
+
+    def _adopt_coordinator(self, coord_id: str, coord_addr: str, term: int) -> None:
+        if coord_id != self.id:
+            self.transport.connect(coord_id, coord_addr)
+        self.coord_id, self.coord_addr, self.term = coord_id, coord_addr, term
+        self.addrs[coord_id] = coord_addr
+        self.last_ack = time.monotonic()
+        self.coord_down_since = None
+        self.transport.disconnect(SEED)
+
+    def _on_epoch(self, sender: str, msg: wire.EpochUpdate, now: float) -> None:
+        if msg.term == self.term and msg.epoch <= self.epoch and self.state == "member":
+            return
+        if self.coord is not None and msg.coord_id != self.id:
+            self.coord = None  # someone else coordinates now
+        self._adopt_coordinator(msg.coord_id, msg.coord_addr, msg.term)
+        old = set(self.members)
+        self.epoch = msg.epoch
+        self.members = list(msg.member_ids)
+        self.addrs.update(zip(msg.member_ids, msg.member_addrs))
+        if self.id not in self.members:
+            self._become_stale(wire.Stale(msg.term, msg.epoch, msg.coord_id, msg.coord_addr, "not in epoch"),
+                               now)
+            return
+        self.state = "member"
+        self.reform_candidates = []
+        for m in self.members:
+            if m != self.id:
+                self.transport.connect(m, self.addrs[m])
+        for m in old - set(self.members):
+            if m != self.coord_id:
+                self.transport.disconnect(m)
+        self.engine.new_epoch(msg.term, msg.epoch, self.members, msg.reason)
+        self._note("epoch", f"{msg.epoch} {','.join(self.members)} ({msg.reason})")
+        log.info("%s: epoch %d members=%s (%s)", self.id, msg.epoch, self.members, msg.reason)
+        self._wake_waiters(None)
+        with self.admitted:
+            self.admitted.notify_all()
+
+    def _wake_waiters(self, error: Optional[BaseException]) -> None:
+        waiters, self.topology_waiters = self.topology_waiters, []
+        for h in waiters:
+            if error is None:
+                h.resolve(self.epoch)
+            else:
+                h.fail(error)
+
+    def _become_stale(self, msg: wire.Stale, now: float) -> None:
+        if self.coord is not None and msg.term >= self.term and msg.coord_id != self.id:
+            log.warning("%s: stepping down as coordinator (term %d < %d)", self.id, self.term, msg.term)
+            self.coord = None
+        self.coord_id, self.coord_addr = msg.coord_id, msg.coord_addr
+        self.addrs[msg.coord_id] = msg.coord_addr
+        if not self.cfg.member:
+            self.state = "redirector"
+            return
+        if self.state == "stale":
+            return
+        self.state = "stale"
+        self._note("stale", msg.reason)
+        log.warning("%s: stale (%s); rejoin to take part again", self.id, msg.reason)
+        self.engine.fail_all(lambda: StaleError(f"{self.id} is stale: {msg.reason}"))
+        self._wake_waiters(StaleError(f"{self.id} is stale: {msg.reason}"))
+        with self.admitted:
+            self.admitted.notify_all()
+
+    # ------------------------------------------------------------------ joining
+    def _begin_join(self) -> None:
+        now = time.monotonic()
+        self.state = "joining"
+        self.join_deadline = now + self.t.join_timeout
+        if self.coord is not None and self.coord_id == self.id:
+            self.transport.send(self.id, wire.Join(self.id, self.addr, self.cfg.swarm))
+            self.state = "pending"
+            return
+        if self.coord_addr and not self.join_addrs:
+            self.join_addrs = [self.coord_addr]
+        elif self.coord_addr and self.coord_addr not in self.join_addrs:
+            self.join_addrs.insert(0, self.coord_addr)
+        self._try_join(now)
+
+    def _try_join(self, now: float) -> None:
+        if not self.join_addrs:
+            return
+        addr = self.join_addrs[self.join_index % len(self.join_addrs)]
+        self.join_index += 1
+        self._seed(addr)
+        self._send(SEED, wire.Join(self.id, self.addr, self.cfg.swarm))
+        self.join_retry_at = now + max(1.0, self.t.heartbeat_interval * 4)
+
+    def rejoin(self) -> None:
+        """(I/O thread) Leave the stale state and ask to be admitted again."""
+        self.members, self.epoch = [], 0
+        self._begin_join()
+
+    # ------------------------------------------------------------------ failover
+    def _coordinator_dead(self, now: float, why: str) -> None:
+        if self.state != "member" or self.coord is not None:
+            if self.state in ("pending", "joining"):
+                self._note("coordinator_lost", why)
+                self.state = "joining"
+                self._try_join(now)
+            return
+        log.warning("%s: coordinator %s presumed dead (%s)", self.id, self.coord_id, why)
+        self._note("coordinator_lost", f"{self.coord_id}: {why}")
+        self.reform_candidates = [m for m in self.members if m != self.coord_id]
+        self.reform_term = self.term + 1
+        self.state = "reforming"
+        self._next_candidate(now)
+
+    def _next_candidate(self, now: float) -> None:
+        if not self.reform_candidates:
+            self._become_stale(wire.Stale(self.term, self.epoch, self.coord_id, self.coord_addr or self.addr,
+                                          "no successor reachable"), now)
+            self.engine.fail_all(lambda: CoordinatorUnavailable("no coordinator reachable"))
+            return
+        cand = self.reform_candidates[0]
+        rejoin = wire.Rejoin(self.reform_term, self.epoch, self.addr, tuple(self.engine.recent_committed),
+                             tuple(self.engine.awaiting_keys()))
+        if cand == self.id:
+            survivors = [(m, self.addrs[m]) for m in self.reform_candidates]
+            self.coord = CoordinatorCore(self.id, self.addr, self.t, now, term=self.reform_term,
+                                         epoch=self.epoch, members=survivors,
+                                         reform_expected={m for m, _ in survivors})
+            self._note("coordinator", f"taking over as coordinator, term {self.reform_term}")
+            log.warning("%s: taking over as coordinator (term %d)", self.id, self.reform_term)
+            self.coord_id, self.coord_addr = self.id, self.addr
+            for m, a in survivors:
+                if m != self.id:
+                    self.transport.connect(m, a)
+            self.transport.send(self.id, rejoin)
+            for sender, msg in self.early_rejoins:
+                if msg.term == self.reform_term:
+                    self._apply(self.coord.on_message(sender, msg, now))
+            self.early_rejoins.clear()
+        else:
+            self._send(cand, rejoin)
+        self.reform_deadline = now + self.t.reform_window + self.t.coordinator_timeout
+
+    # ------------------------------------------------------------------ timers
+    def _tick(self, now: float) -> None:
+        if self.coord is not None:
+            self._apply(self.coord.tick(now))
+        self.engine.tick(now, self.t.op_progress_timeout)
+        if self.state in ("member", "pending") and self.coord_id:
+            if now - getattr(self, "_last_hb", 0.0) >= self.t.heartbeat_interval:
+                self._last_hb = now
+                self._to_coordinator(wire.Heartbeat(self.term, self.epoch))
+            if self.coord is None:
+                if now - self.last_ack > self.t.coordinator_timeout:
+                    self._coordinator_dead(now, f"no heartbeat ack for {now - self.last_ack:.1f}s")
+                elif self.coord_down_since is not None and now - self.coord_down_since > self.t.reconnect_grace:
+                    self._coordinator_dead(now, "link down")
+        elif self.state == "joining":
+            if now > self.join_deadline:
+                self.state = "stale"
+                self._wake_waiters(CoordinatorUnavailable("could not join: no coordinator answered"))
+                with self.admitted:
+                    self.admitted.notify_all()
+            elif now >= self.join_retry_at:
+                self._try_join(now)
+        elif self.state == "reforming" and now > self.reform_deadline:
+            if self.reform_candidates:
+                self.reform_candidates.pop(0)
+            self._next_candidate(now)
+
+    # ------------------------------------------------------------------ commands (I/O thread)
+    def submit_op(self, spec: OpSpec, handle: Handle) -> None:
+        if self.state == "stale":
+            handle.fail(StaleError(f"{self.id} is stale: rejoin first"))
+        elif self.state != "member":
+            handle.fail(TooFewPeers(f"{self.id} is not a member yet (state {self.state})",
+                                    reason="not admitted") if self.state == "reforming"
+                        else LocalError(f"{self.id} is not a member (state {self.state})"))
+        else:
+            self.engine.issue(spec, handle, time.monotonic())
+
+    def submit_topology(self, handle: Handle) -> None:
+        if self.state == "stale":
+            handle.fail(StaleError(f"{self.id} is stale: rejoin first"))
+            return
+        if self.state != "member":
+            handle.fail(LocalError(f"{self.id} is not a member (state {self.state})"))
+            return
+        self.topology_waiters.append(handle)
+        self._to_coordinator(wire.TopologyVote(self.term, self.epoch))
+
+    def submit_leave(self, handle: Handle) -> None:
+        if self.state in ("member", "pending"):
+            self._to_coordinator(wire.Leave(self.term, self.epoch))
+        self.state = "left"
+        self.engine.fail_all(lambda: LocalError("left the swarm"))
+        handle.resolve(None)

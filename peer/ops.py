@@ -1,0 +1,291 @@
+"""Collective ops inside a peer: issue, feed chunks, ask for the verdict, apply on commit.
+
+The engine lives in the node's I/O thread. It owns no sockets: it calls ``send(to, msg, payload)`` and
+``to_coordinator(msg)`` given by the node. Results are computed into private buffers; the caller's buffers
+are written only when the coordinator's verdict is *commit* (I2: an aborted op leaves them untouched).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from collectives import ring, wire
+from collectives.errors import (LocalError, OpAborted, OpTimeout, PeerLost, ProtocolError, RemoteError,
+                                TooFewPeers, WireError)
+from peer.handle import Handle
+
+log = logging.getLogger(__name__)
+
+WORLD = "w"
+
+
+@dataclass
+class OpSpec:
+    """What the user asked for (built in the user thread, run in the I/O thread)."""
+    kind: str                   # all_reduce | all_gather | broadcast | barrier | send | recv
+    views: list[np.ndarray]     # flat numpy views of the caller's buffers (one per tensor)
+    dtype: str = "float32"
+    reduce_op: str = "sum"
+    group: Optional[tuple[str, ...]] = None  # None: every member of the epoch
+    root: str = ""
+    peer: str = ""
+
+
+@dataclass
+class OpRecord:
+    spec: OpSpec
+    core: Any                   # a collectives.ring op, or None for barrier
+    handle: Handle
+    key: tuple[int, str, int]
+    members: tuple[str, ...]
+    work: np.ndarray
+    started: float
+    last_progress: float
+    state: str = "running"      # running -> awaiting (verdict) -> done; or failing -> done
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class OpEngine:
+    def __init__(self, me: str, slice_bytes: int, parity_digest: bool, max_early_bytes: int,
+                 send: Callable[[str, wire.Message, Any], None],
+                 to_coordinator: Callable[[wire.Message], None],
+                 suspect: Callable[[str, str], None]) -> None:
+        self.me = me
+        self.slice_bytes = slice_bytes
+        self.parity_digest = parity_digest
+        self.max_early_bytes = max_early_bytes
+        self._send, self._to_coord, self._suspect = send, to_coordinator, suspect
+        self.ops: dict[tuple[int, str, int], OpRecord] = {}
+        self.early: dict[tuple[int, str, int], list[tuple[str, wire.Chunk, Any]]] = {}
+        self.early_bytes = 0
+        self.seq: dict[str, int] = {}
+        self.epoch = 0
+        self.term = 0
+        self.members: list[str] = []
+        self.pending = 0            # joiners waiting, as of the last committed verdict (same on all members)
+        self.recent_committed: collections.deque[str] = collections.deque(maxlen=256)
+        self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=10000)
+        self.committed = 0
+        self.aborted = 0
+
+    # ------------------------------------------------------------------ membership changes
+    def new_epoch(self, term: int, epoch: int, members: list[str], reason: str) -> None:
+        self.term, self.epoch, self.members = term, epoch, list(members)
+        self.seq.clear()
+        for key, rec in list(self.ops.items()):
+            if key[0] < epoch:
+                self._finish(rec, PeerLost(f"op {wire.op_key(*key)} aborted: {reason}", epoch=key[0],
+                                           reason=reason))
+        for key in [k for k in self.early if k[0] < epoch]:
+            self._drop_early(key)
+
+    def fail_all(self, error_factory: Callable[[], BaseException]) -> None:
+        for rec in list(self.ops.values()):
+            self._finish(rec, error_factory())
+
+    def awaiting_keys(self) -> list[str]:
+        return [wire.op_key(*k) for k, r in self.ops.items() if r.state == "awaiting"]
+
+    # ------------------------------------------------------------------ issuing
+    def issue(self, spec: OpSpec, handle: Handle, now: float) -> None:
+        try:
+            self._issue(spec, handle, now)
+        except (LocalError, OpAborted) as exc:
+            handle.fail(exc)
+
+    def _issue(self, spec: OpSpec, handle: Handle, now: float) -> None:
+        if spec.kind in ("send", "recv"):
+            if spec.peer not in self.members or spec.peer == self.me:
+                raise LocalError(f"{spec.peer!r} is not another member of epoch {self.epoch}")
+            src, dst = (self.me, spec.peer) if spec.kind == "send" else (spec.peer, self.me)
+            members: tuple[str, ...] = (src, dst)
+            gid = ring.group_id(members, "p")
+        else:
+            if spec.group is None:
+                members, gid = tuple(self.members), WORLD
+            else:
+                missing = [m for m in spec.group if m not in self.members]
+                if missing or self.me not in spec.group:
+                    raise LocalError(f"group members {missing or [self.me]} are not in epoch {self.epoch}")
+                members = tuple(m for m in self.members if m in spec.group)
+                gid = ring.group_id(members)
+            if len(members) < 2:
+                raise TooFewPeers(f"{spec.kind} needs at least 2 members, epoch {self.epoch} has "
+                                  f"{len(members)}", epoch=self.epoch, reason="too few peers")
+        seq = self.seq.get(gid, 0)
+        self.seq[gid] = seq + 1
+        key = (self.epoch, gid, seq)
+        opid = ring.OpId(*key)
+        work = spec.views[0] if len(spec.views) == 1 else np.concatenate(spec.views)
+        core: Any
+        if spec.kind == "all_reduce":
+            core = ring.AllReduce(opid, list(members), self.me, work, spec.dtype, spec.reduce_op,
+                                  self.slice_bytes)
+        elif spec.kind == "all_gather":
+            core = ring.AllGather(opid, list(members), self.me, work, spec.dtype, self.slice_bytes)
+        elif spec.kind == "broadcast":
+            if spec.root not in members:
+                raise LocalError(f"broadcast root {spec.root!r} is not a member")
+            core = ring.Broadcast(opid, list(members), self.me, spec.root, work, spec.dtype, self.slice_bytes)
+        elif spec.kind in ("send", "recv"):
+            core = ring.PointToPoint(opid, self.me, members[0], members[1], work, spec.dtype, self.slice_bytes)
+        elif spec.kind == "barrier":
+            core = None
+        else:
+            raise LocalError(f"unknown op kind {spec.kind}")
+        rec = OpRecord(spec, core, handle, key, members, work, now, now)
+        self.ops[key] = rec
+        if core is not None:
+            for s in core.start():
+                self._send(s.to, s.msg, s.payload)
+        for sender, msg, payload in self._take_early(key):
+            if key not in self.ops:
+                break
+            self._feed(rec, sender, msg, payload, now)
+        self._check_done(rec, now)
+
+    # ------------------------------------------------------------------ data
+    def on_chunk(self, sender: str, msg: wire.Chunk, payload: Any, now: float) -> None:
+        key = (msg.epoch, msg.group, msg.seq)
+        rec = self.ops.get(key)
+        if rec is not None:
+            self._feed(rec, sender, msg, payload, now)
+            self._check_done(rec, now)
+            return
+        if msg.epoch < self.epoch or (msg.epoch == self.epoch and msg.seq < self.seq.get(msg.group, 0)):
+            return  # stale: never applied
+        if msg.epoch > self.epoch + 16 or msg.seq > self.seq.get(msg.group, 0) + 64:
+            self._suspect(sender, f"protocol: chunk for op {wire.op_key(*key)} far ahead")
+            return
+        size = len(payload) if payload is not None else 0
+        if self.early_bytes + size > self.max_early_bytes:
+            self._suspect(sender, "protocol: too much early data")
+            return
+        self.early_bytes += size
+        self.early.setdefault(key, []).append((sender, msg, payload))
+
+    def on_ack(self, sender: str, msg: wire.P2PAck, now: float) -> None:
+        rec = self.ops.get((msg.epoch, msg.group, msg.seq))
+        if rec is None or not isinstance(rec.core, ring.PointToPoint):
+            return
+        try:
+            rec.core.on_ack(sender)
+        except ProtocolError as exc:
+            self._suspect(sender, f"protocol: {exc}")
+            return
+        self._check_done(rec, now)
+
+    def _feed(self, rec: OpRecord, sender: str, msg: wire.Chunk, payload: Any, now: float) -> None:
+        if rec.state != "running":
+            return
+        try:
+            sends = rec.core.on_chunk(sender, msg, payload)
+        except (ProtocolError, WireError) as exc:
+            self._suspect(sender, f"protocol: {exc}")
+            self._request_abort(rec, f"bad data from {sender}: {exc}", now)
+            return
+        rec.last_progress = now
+        for s in sends:
+            self._send(s.to, s.msg, s.payload)
+
+    def _check_done(self, rec: OpRecord, now: float) -> None:
+        if rec.state != "running" or (rec.core is not None and not rec.core.done):
+            return
+        if isinstance(rec.core, ring.PointToPoint):
+            if not rec.core.sending:
+                self._send(rec.core.peer, wire.P2PAck(*rec.key), None)
+            self._commit(rec, now)
+            return
+        rec.state = "awaiting"
+        rec.metrics["local_done_s"] = now - rec.started
+        dig = ring.digest(rec.core.result) if (self.parity_digest and rec.core is not None) else b""
+        rec.metrics["digest"] = dig.hex()
+        members = () if rec.key[1] == WORLD else rec.members
+        self._to_coord(wire.OpDone(self.term, *rec.key, dig, members))
+
+    # ------------------------------------------------------------------ verdicts and deadlines
+    def on_verdict(self, msg: wire.OpVerdict, now: float) -> None:
+        rec = self.ops.get((msg.epoch, msg.group, msg.seq))
+        if rec is None:
+            return
+        if msg.commit:
+            if rec.state != "awaiting":
+                log.error("%s: commit verdict for op %s in state %s", self.me, wire.op_key(*rec.key), rec.state)
+                self._finish(rec, ProtocolError("commit verdict for an op that is not complete here"))
+                return
+            self.pending = msg.pending
+            self._commit(rec, now)
+        else:
+            self._finish(rec, OpAborted(f"op {wire.op_key(*rec.key)} aborted: {msg.reason}",
+                                        epoch=msg.epoch, reason=msg.reason))
+
+    def request_abort_for(self, handle: Handle, reason: str, now: float) -> None:
+        for rec in self.ops.values():
+            if rec.handle is handle:
+                self._request_abort(rec, reason, now)
+
+    def _request_abort(self, rec: OpRecord, reason: str, now: float) -> None:
+        if isinstance(rec.core, ring.PointToPoint):
+            self._finish(rec, OpTimeout(f"point-to-point {wire.op_key(*rec.key)}: {reason}",
+                                        epoch=rec.key[0], reason=reason))
+            return
+        if rec.state == "running":
+            rec.state = "failing"
+            members = () if rec.key[1] == WORLD else rec.members
+            self._to_coord(wire.OpFail(self.term, *rec.key, reason[:500], members))
+
+    def tick(self, now: float, progress_timeout: float) -> None:
+        for rec in list(self.ops.values()):
+            if rec.state == "running" and now - rec.last_progress > progress_timeout:
+                self._request_abort(rec, f"no progress for {now - rec.last_progress:.1f}s", now)
+
+    # ------------------------------------------------------------------ completion
+    def _commit(self, rec: OpRecord, now: float) -> None:
+        result = rec.core.result if rec.core is not None else None
+        value: Any = None
+        if rec.spec.kind in ("all_reduce", "broadcast", "recv") and result is not None:
+            offset = 0
+            for view in rec.spec.views:
+                if result is not view:
+                    view[...] = result[offset:offset + view.size]
+                offset += view.size
+        elif rec.spec.kind == "all_gather":
+            value = (result, rec.members)
+        self.recent_committed.append(wire.op_key(*rec.key))
+        self.committed += 1
+        self._finish(rec, None, value)
+
+    def _finish(self, rec: OpRecord, error: Optional[BaseException], value: Any = None) -> None:
+        self.ops.pop(rec.key, None)
+        now = time.monotonic()
+        m = rec.metrics
+        m.update(kind=rec.spec.kind, epoch=rec.key[0], group=rec.key[1], seq=rec.key[2],
+                 members=list(rec.members), duration_s=now - rec.started, committed=error is None,
+                 error=type(error).__name__ if error else "", reason=str(error) if error else "")
+        if rec.core is not None:
+            m.update(bytes_sent=rec.core.bytes_sent, bytes_received=rec.core.bytes_received)
+        rec.handle.metrics = m
+        self.history.append(m)
+        if error is None:
+            rec.handle.resolve(value)
+        else:
+            self.aborted += 1
+            rec.handle.fail(error)
+
+    # ------------------------------------------------------------------ early data
+    def _take_early(self, key: tuple[int, str, int]) -> list[tuple[str, wire.Chunk, Any]]:
+        items = self.early.pop(key, [])
+        self.early_bytes -= sum(len(p) for _, _, p in items if p is not None)
+        return items
+
+    def _drop_early(self, key: tuple[int, str, int]) -> None:
+        self._take_early(key)
+
+
+__all__ = ["OpEngine", "OpSpec", "OpRecord", "RemoteError"]
