@@ -52,6 +52,8 @@ def digest(arr: np.ndarray) -> bytes:
 class RingOp:
     """Common state of a ring collective: who I am, neighbours, expected slices."""
 
+    result: np.ndarray
+
     def __init__(self, op: OpId, ring: list[str], me: str, dtype: str, slice_bytes: int) -> None:
         if me not in ring:
             raise ProtocolError(f"{me} is not in the ring")
@@ -70,6 +72,13 @@ class RingOp:
     @property
     def done(self) -> bool:
         return self.remaining == 0
+
+    def write_into(self, dest: np.ndarray) -> None:
+        if self.result is not dest:
+            dest[...] = self.result
+
+    def digest(self) -> bytes:
+        return digest(self.result)
 
     def _chunk(self, phase: int, step: int, part: int, count: int) -> Chunk:
         return Chunk(self.op.epoch, self.op.group, self.op.seq, phase, step, part, self.dtype, count)
@@ -99,15 +108,22 @@ class RingOp:
 
 
 class AllReduce(RingOp):
-    """Ring all-reduce of ``src`` (read only). The result lands in ``self.result``."""
+    """Ring all-reduce of ``src``; the result lands in ``out`` (which may be ``src`` itself).
+
+    In place (``out is src``) is safe: a local chunk is read during the reduce-scatter before its final
+    value can arrive (the all-gather of a chunk is causally after its reduce-scatter passed through here,
+    and both come over the same FIFO link), and the only zero-copy send from ``src`` (step 0 of the
+    reduce-scatter) has been delivered before the final value of that chunk can come back. The driver
+    keeps a backup to restore ``src`` exactly if the op is aborted.
+    """
 
     def __init__(self, op: OpId, ring: list[str], me: str, src: np.ndarray, dtype: str, reduce_op: str,
-                 slice_bytes: int) -> None:
+                 slice_bytes: int, out: np.ndarray | None = None) -> None:
         super().__init__(op, ring, me, dtype, slice_bytes)
         if reduce_op not in tensors.REDUCE_OPS:
             raise ValueError(f"unknown reduce op {reduce_op}")
         self.src, self.reduce_op = src, reduce_op
-        self.result = np.empty_like(src)
+        self.result = np.empty_like(src) if out is None else out
         self.chunks = tensors.chunk_bounds(src.size, self.n)
         self.parts = [tensors.slice_bounds(lo, hi, self.itemsize, slice_bytes) for lo, hi in self.chunks]
         # RS receives N-1 chunks, AG receives N-1 chunks.
@@ -122,7 +138,8 @@ class AllReduce(RingOp):
 
     def start(self) -> list[Send]:
         if self.n == 1:
-            self.result[...] = self.src
+            if self.result is not self.src:
+                self.result[...] = self.src
             return []
         own = self.rank
         return [self._send(self.right, PHASE_REDUCE_SCATTER, 0, k, self.src[lo:hi], hi - lo)

@@ -36,6 +36,7 @@ class Limits:
     max_frame_bytes: int = 16 * 1024 * 1024 + 64 * 1024
     rcv_hwm: int = 256
     max_batch: int = 64  # messages handled per poll before timers get a turn
+    io_threads: int = 1  # zmq I/O threads (one saturates loopback here; more help only with many streams)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Transport:
         self.my_id = wire.check_peer_id(my_id)
         self.limits = limits or Limits()
         self.security = security or Insecure()
-        self.ctx = zmq.Context(io_threads=1)
+        self.ctx = zmq.Context(io_threads=self.limits.io_threads)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)

@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+import zmq
+
 from collectives import wire
 from collectives.errors import CoordinatorUnavailable, LocalError, StaleError, TooFewPeers
 from collectives.transport import Bad, LinkEvent, Received, Transport
@@ -69,9 +71,11 @@ class Node:
         self._cmds: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        self.transport.poller.register(self._wake_r, zmq.POLLIN)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"swarm-{self.id}", daemon=True)
         self.error: Optional[BaseException] = None
+        self._last_hb = 0.0
         now = time.monotonic()
         if cfg.coordinator:
             self.coord = CoordinatorCore(self.id, self.addr, self.t, now)
@@ -404,7 +408,7 @@ class Node:
             self._apply(self.coord.tick(now))
         self.engine.tick(now, self.t.op_progress_timeout)
         if self.state in ("member", "pending") and self.coord_id:
-            if now - getattr(self, "_last_hb", 0.0) >= self.t.heartbeat_interval:
+            if now - self._last_hb >= self.t.heartbeat_interval:
                 self._last_hb = now
                 self._to_coordinator(wire.Heartbeat(self.term, self.epoch))
             if self.coord is None:

@@ -47,6 +47,7 @@ class OpRecord:
     work: np.ndarray
     started: float
     last_progress: float
+    backup: Optional[np.ndarray] = None  # the caller's buffer before an in-place op (restored on abort)
     state: str = "running"      # running -> awaiting (verdict) -> done; or failing -> done
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +79,7 @@ class OpEngine:
     def new_epoch(self, term: int, epoch: int, members: list[str], reason: str) -> None:
         self.term, self.epoch, self.members = term, epoch, list(members)
         self.seq.clear()
+        self.pending = 0  # every member of the new epoch starts from the same count
         for key, rec in list(self.ops.items()):
             if key[0] < epoch:
                 self._finish(rec, PeerLost(f"op {wire.op_key(*key)} aborted: {reason}", epoch=key[0],
@@ -124,9 +126,10 @@ class OpEngine:
         opid = ring.OpId(*key)
         work = spec.views[0] if len(spec.views) == 1 else np.concatenate(spec.views)
         core: Any
+        in_place = spec.kind == "all_reduce" and len(spec.views) == 1
         if spec.kind == "all_reduce":
             core = ring.AllReduce(opid, list(members), self.me, work, spec.dtype, spec.reduce_op,
-                                  self.slice_bytes)
+                                  self.slice_bytes, out=work if in_place else None)
         elif spec.kind == "all_gather":
             core = ring.AllGather(opid, list(members), self.me, work, spec.dtype, self.slice_bytes)
         elif spec.kind == "broadcast":
@@ -144,6 +147,8 @@ class OpEngine:
         if core is not None:
             for s in core.start():
                 self._send(s.to, s.msg, s.payload)
+        if in_place:
+            rec.backup = work.copy()  # taken while the first slices are on the wire
         for sender, msg, payload in self._take_early(key):
             if key not in self.ops:
                 break
@@ -204,7 +209,7 @@ class OpEngine:
             return
         rec.state = "awaiting"
         rec.metrics["local_done_s"] = now - rec.started
-        dig = ring.digest(rec.core.result) if (self.parity_digest and rec.core is not None) else b""
+        dig = rec.core.digest() if (self.parity_digest and rec.core is not None) else b""
         rec.metrics["digest"] = dig.hex()
         members = () if rec.key[1] == WORLD else rec.members
         self._to_coord(wire.OpDone(self.term, *rec.key, dig, members))
@@ -247,22 +252,29 @@ class OpEngine:
 
     # ------------------------------------------------------------------ completion
     def _commit(self, rec: OpRecord, now: float) -> None:
-        result = rec.core.result if rec.core is not None else None
         value: Any = None
-        if rec.spec.kind in ("all_reduce", "broadcast", "recv") and result is not None:
-            offset = 0
-            for view in rec.spec.views:
-                if result is not view:
+        if rec.spec.kind in ("all_reduce", "broadcast", "recv") and rec.core is not None:
+            views = rec.spec.views
+            if len(views) == 1:
+                if rec.backup is None:
+                    rec.core.write_into(views[0])
+            else:
+                result = rec.core.result
+                offset = 0
+                for view in views:
                     view[...] = result[offset:offset + view.size]
-                offset += view.size
-        elif rec.spec.kind == "all_gather":
-            value = (result, rec.members)
+                    offset += view.size
+        elif rec.spec.kind == "all_gather" and rec.core is not None:
+            value = (rec.core.result, rec.members)
         self.recent_committed.append(wire.op_key(*rec.key))
         self.committed += 1
         self._finish(rec, None, value)
 
     def _finish(self, rec: OpRecord, error: Optional[BaseException], value: Any = None) -> None:
         self.ops.pop(rec.key, None)
+        if error is not None and rec.backup is not None:
+            rec.spec.views[0][...] = rec.backup  # I2: an aborted in-place op leaves the buffer as it was
+        rec.backup = None
         now = time.monotonic()
         m = rec.metrics
         m.update(kind=rec.spec.kind, epoch=rec.key[0], group=rec.key[1], seq=rec.key[2],

@@ -1,0 +1,63 @@
+"""``swarmtrain bench allreduce``: our ring all-reduce vs torch.distributed Gloo, same N, same size, same run.
+
+Bus bandwidth = 2(N-1)/N x bytes / seconds per op (the bytes each peer must move in a ring), in GB/s
+(1e9 bytes/s). The time per op is the slowest peer's mean over the timed iterations, and includes
+swarmtrain's commit round trip to the coordinator and (unless --no-digest) the BLAKE2b parity digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from peer.gloo_bench import run_gloo_allreduce
+from peer.procs import LocalProcs
+
+
+def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_bytes: int,
+                         digest: bool, timeout: float = 600.0) -> dict[str, Any]:
+    elems = nbytes // 4
+    with tempfile.TemporaryDirectory(prefix="swarmtrain-bench-") as tmp, LocalProcs(Path(tmp)) as lp:
+        coord = lp.coordinator()
+        extra = ["--workload", "bench", "--elems", str(elems), "--ops", str(iters), "--warmup", str(warmup),
+                 "--expect", str(n), "--slice-bytes", str(slice_bytes)]
+        if not digest:
+            extra.append("--no-digest")
+        names = [f"bench{i}" for i in range(n)]
+        for name in names:
+            lp.peer(name, [coord.hostport], extra, record=False)
+        results = [lp.wait_done(name, timeout) for name in names]
+    if not all(r.get("correct") for r in results):
+        raise RuntimeError(f"swarmtrain all-reduce gave a wrong result: {results}")
+    sec = max(r["seconds_per_op"] for r in results)
+    return {"backend": "swarmtrain", "peers": n, "bytes": nbytes, "seconds_per_op": sec,
+            "busbw_gbps": 2 * (n - 1) / n * nbytes / sec / 1e9}
+
+
+def run_bench(a: argparse.Namespace) -> int:
+    nbytes = int(a.mb * (1 << 20)) // 4 * 4
+    ours = swarmtrain_allreduce(a.peers, nbytes, a.iters, a.warmup, int(a.slice_mb * (1 << 20)),
+                                not a.no_digest)
+    out: dict[str, Any] = {"peers": a.peers, "mb": a.mb, "iters": a.iters,
+                           "swarmtrain_busbw_gbps": round(ours["busbw_gbps"], 4),
+                           "swarmtrain_seconds_per_op": round(ours["seconds_per_op"], 5),
+                           "parity_digest": not a.no_digest}
+    if not a.skip_gloo:
+        gloo = run_gloo_allreduce(a.peers, nbytes, iters=a.iters, warmup=a.warmup)
+        out["gloo_busbw_gbps"] = round(gloo["busbw_gbps"], 4)
+        out["gloo_seconds_per_op"] = round(gloo["seconds_per_op"], 5)
+        out["ratio"] = round(ours["busbw_gbps"] / gloo["busbw_gbps"], 3)
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"all-reduce {a.mb:g} MiB float32, {a.peers} peers, {a.iters} iterations")
+        print(f"  swarmtrain  bus bandwidth {out['swarmtrain_busbw_gbps']:.3f} GB/s "
+              f"({out['swarmtrain_seconds_per_op'] * 1e3:.1f} ms/op)")
+        if "ratio" in out:
+            print(f"  gloo        bus bandwidth {out['gloo_busbw_gbps']:.3f} GB/s "
+                  f"({out['gloo_seconds_per_op'] * 1e3:.1f} ms/op)")
+            print(f"  ratio swarmtrain/gloo = {out['ratio']:.2f}")
+    return 0

@@ -1,0 +1,200 @@
+"""``swarmtrain`` / ``python -m peer``: the command line.
+
+    swarmtrain coordinator --host 127.0.0.1 --port 7000
+    swarmtrain peer --join 127.0.0.1:7000 --workload allreduce --mb 4 --ops 100
+    swarmtrain demo
+    swarmtrain bench allreduce --peers 4 --mb 64 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Optional, Sequence
+
+from peer.config import PeerConfig, Timeouts
+from peer.swarm import Swarm, new_peer_id
+
+log = logging.getLogger("swarmtrain")
+
+
+def _timeouts_args(p: argparse.ArgumentParser) -> None:
+    d = Timeouts()
+    g = p.add_argument_group("timeouts (seconds)")
+    g.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval,
+                   help="how often a peer heartbeats to the coordinator")
+    g.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout,
+                   help="a member silent this long (e.g. stalled) is evicted")
+    g.add_argument("--coordinator-timeout", type=float, default=d.coordinator_timeout,
+                   help="no heartbeat ack this long: peers presume the coordinator dead and re-form")
+    g.add_argument("--reform-window", type=float, default=d.reform_window,
+                   help="how long a successor coordinator waits for survivors to check in")
+    g.add_argument("--op-progress-timeout", type=float, default=d.op_progress_timeout,
+                   help="an op that receives no bytes for this long is aborted everywhere")
+
+
+def _timeouts(a: argparse.Namespace) -> Timeouts:
+    return Timeouts(heartbeat_interval=a.heartbeat_interval, heartbeat_timeout=a.heartbeat_timeout,
+                    coordinator_timeout=a.coordinator_timeout, reform_window=a.reform_window,
+                    op_progress_timeout=a.op_progress_timeout)
+
+
+def _net_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
+    p.add_argument("--swarm", default="default", help="swarm name (peers of another swarm are refused)")
+    p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ...)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="swarmtrain", description="Train one model across unreliable machines.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("coordinator", help="run a standalone coordinator (membership and votes, no tensors)",
+                       description="Run a standalone coordinator. It orders membership epochs, runs topology "
+                                   "votes and gives every op its verdict; it carries no tensor data. If it "
+                                   "dies, the peers re-form under a successor and carry on.")
+    c.add_argument("--id", default="coordinator", help="this node's id (default: coordinator)")
+    _net_args(c)
+    _timeouts_args(c)
+
+    p = sub.add_parser("peer", help="run a peer that joins a swarm",
+                       description="Run a peer. It prints one JSON line with its address, joins, and runs "
+                                   "the chosen workload.")
+    p.add_argument("--join", action="append", default=[],
+                   help="HOST:PORT of the coordinator or any peer (repeat or comma-separate for several)")
+    p.add_argument("--bootstrap", action="store_true",
+                   help="start a new swarm: this peer also runs the coordinator role")
+    p.add_argument("--id", default=None, help="peer id (default: random)")
+    _net_args(p)
+    p.add_argument("--workload", choices=["allreduce", "bench", "none"], default="allreduce",
+                   help="allreduce: repeated all-reduces surviving churn; bench: wait for --expect "
+                        "peers, then time --ops all-reduces; none: only keep membership")
+    p.add_argument("--expect", type=int, default=2, help="bench: number of peers to wait for")
+    p.add_argument("--warmup", type=int, default=2, help="bench: untimed all-reduces first")
+    p.add_argument("--slice-bytes", type=int, default=4 << 20, help="frame size for tensor data")
+    p.add_argument("--elems", type=int, default=262144, help="float32 elements per all-reduce")
+    p.add_argument("--ops", type=int, default=None, help="stop after this many committed ops")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--pause", type=float, default=0.0, help="seconds to sleep between ops")
+    p.add_argument("--record", default=None, help="append one JSON line per op attempt to this file")
+    p.add_argument("--progress", action="store_true", help="print one line per op to stderr")
+    p.add_argument("--no-digest", action="store_true", help="skip the per-op BLAKE2b parity digest")
+    _timeouts_args(p)
+
+    d = sub.add_parser("demo", help="local demo: a coordinator and 4 peers all-reducing while peers die and join",
+                       description="Start a coordinator and 4 local peer processes doing repeated all-reduces; "
+                                   "kill one, stall one, add new ones, kill the coordinator, and print a "
+                                   "summary (ops committed/aborted, members over time, parity check).")
+    d.add_argument("--duration", type=float, default=40.0, help="seconds of churn (default 40)")
+    d.add_argument("--peers", type=int, default=4, help="peers at the start (default 4)")
+    d.add_argument("--elems", type=int, default=1 << 20, help="float32 elements per all-reduce")
+    d.add_argument("--workdir", default=None, help="keep the peers' records here (default: a temp dir)")
+    d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    b = sub.add_parser("bench", help="benchmarks", description="Benchmarks that measure a baseline in the same run.")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    ba = bsub.add_parser("allreduce", help="swarmtrain ring all-reduce vs torch.distributed Gloo",
+                         description="Run N local peer processes all-reducing a float32 buffer, then Gloo with "
+                                     "the same N and size, and print both bus bandwidths and the ratio.")
+    ba.add_argument("--peers", type=int, default=2, help="number of local peer processes (default 2)")
+    ba.add_argument("--mb", type=float, default=64, help="buffer size in MiB (default 64)")
+    ba.add_argument("--iters", type=int, default=10, help="timed iterations (default 10)")
+    ba.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations (default 2)")
+    ba.add_argument("--slice-mb", type=float, default=4, help="frame size in MiB for swarmtrain (default 4)")
+    ba.add_argument("--no-digest", action="store_true", help="skip swarmtrain's per-op parity digest")
+    ba.add_argument("--skip-gloo", action="store_true", help="do not run the Gloo baseline")
+    ba.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap
+
+
+def _setup_logging(level: str, who: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), stream=sys.stderr,
+                        format=f"%(asctime)s {who} %(levelname)s %(name)s: %(message)s")
+
+
+def _join_list(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(a for v in values for a in v.split(",") if a)
+
+
+def _wait_for_signal(stop: threading.Event) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_coordinator(a: argparse.Namespace) -> int:
+    _setup_logging(a.log_level, a.id)
+    swarm = Swarm(PeerConfig(peer_id=a.id, host=a.host, port=a.port, swarm=a.swarm, coordinator=True,
+                             member=False, timeouts=_timeouts(a)))
+    print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr}), flush=True)
+    stop = threading.Event()
+    _wait_for_signal(stop)
+    while not stop.wait(0.5):
+        if swarm.node.error is not None:
+            return 1
+    swarm.node.close()
+    return 0
+
+
+def cmd_peer(a: argparse.Namespace) -> int:
+    from peer.workload import AllReduceWorkload, run_allreduce, run_bench
+
+    pid = a.id or new_peer_id()
+    _setup_logging(a.log_level, pid)
+    join = _join_list(a.join)
+    if not join and not a.bootstrap:
+        print("swarmtrain peer: give --join HOST:PORT or --bootstrap", file=sys.stderr)
+        return 2
+    cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join,
+                     coordinator=a.bootstrap, parity_digest=not a.no_digest, timeouts=_timeouts(a),
+                     slice_bytes=a.slice_bytes)
+    swarm = Swarm(cfg)
+    print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr}), flush=True)
+    stop = threading.Event()
+    _wait_for_signal(stop)
+    record = open(a.record, "a", encoding="utf-8") if a.record else None
+    try:
+        swarm.wait_admitted(timeout=cfg.timeouts.join_timeout)
+        if a.workload == "none":
+            while not stop.wait(0.5):
+                if a.duration is not None:
+                    break
+            summary: dict[str, Any] = swarm.stats
+        elif a.workload == "bench":
+            summary = run_bench(swarm, a.elems, a.ops or 10, a.warmup, a.expect)
+        else:
+            w = AllReduceWorkload(elems=a.elems, ops=a.ops, duration=a.duration, pause=a.pause)
+            summary = run_allreduce(swarm, w, record, sys.stderr if a.progress else None)
+        print(json.dumps({"event": "done", **summary}), flush=True)
+    finally:
+        if record is not None:
+            record.close()
+        swarm.close()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.cmd == "coordinator":
+        return cmd_coordinator(a)
+    if a.cmd == "peer":
+        return cmd_peer(a)
+    if a.cmd == "demo":
+        from peer.demo import run_demo
+
+        return run_demo(a)
+    if a.cmd == "bench":
+        from peer.bench import run_bench
+
+        return run_bench(a)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Workloads a peer process can run from the CLI: repeated all-reduces that survive churn.
+
+Each attempt is written as one JSON line to ``record`` (flushed at once), so a test or the simulator can
+check, across processes, that every committed op has the same digest on every member (I1), that no op was
+committed on one member and aborted on another (I2), and that each result equals the numpy reference
+recomputed from the members' seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import IO, Any, Optional
+
+import numpy as np
+
+from collectives.errors import DeadlineExceeded, OpAborted, StaleError, TooFewPeers
+from peer.swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+
+def seed_for(peer_id: str, attempt: int) -> int:
+    return zlib.crc32(f"{peer_id}/{attempt}".encode())
+
+
+def input_for(seed: int, elems: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(elems).astype(np.float32)
+
+
+@dataclass
+class AllReduceWorkload:
+    elems: int = 262144
+    op: str = "sum"
+    ops: Optional[int] = None        # stop after this many committed ops
+    duration: Optional[float] = None  # or after this many seconds
+    op_timeout: float = 60.0
+    min_members: int = 2
+    pause: float = 0.0                # seconds between ops (a slower, more readable demo)
+
+
+def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] = None,
+                  progress: Optional[IO[str]] = None) -> dict[str, Any]:
+    start = time.monotonic()
+    attempt = committed = aborted = 0
+    seed = -1
+    while True:
+        if w.ops is not None and committed >= w.ops:
+            break
+        if w.duration is not None and time.monotonic() - start >= w.duration:
+            break
+        try:
+            if swarm.peers_pending:
+                swarm.update_topology(timeout=w.op_timeout)
+            seed = seed_for(swarm.id, attempt)
+            attempt += 1
+            x = input_for(seed, w.elems)
+            metrics = swarm.comm.all_reduce(x, op=w.op, timeout=w.op_timeout)
+            committed += 1
+            _write(record, {"peer": swarm.id, "committed": True, "seed": seed,
+                            "key": f"{metrics['epoch']}:{metrics['group']}:{metrics['seq']}",
+                            "members": metrics["members"], "digest": metrics.get("digest", ""),
+                            "result_sum": float(x.astype(np.float64).sum()), "t": time.time(),
+                            "duration_s": metrics["duration_s"], "bytes_sent": metrics.get("bytes_sent", 0)})
+            if progress is not None:
+                progress.write(f"[{swarm.id}] op {committed} committed epoch={metrics['epoch']} "
+                               f"members={len(metrics['members'])} {metrics['duration_s'] * 1e3:.0f} ms\n")
+                progress.flush()
+        except TooFewPeers:
+            try:
+                swarm.wait_epoch_change(swarm.epoch, 0.5)
+            except DeadlineExceeded:
+                pass  # still alone: loop and check the stop conditions
+        except OpAborted as exc:
+            aborted += 1
+            _write(record, {"peer": swarm.id, "committed": False, "error": type(exc).__name__,
+                            "reason": exc.reason or str(exc), "seed": seed, "t": time.time(),
+                            "key": _key_of(exc)})
+            if progress is not None:
+                progress.write(f"[{swarm.id}] op aborted ({exc.reason or exc}); retrying\n")
+                progress.flush()
+        except StaleError as exc:
+            log.warning("%s: %s; rejoining", swarm.id, exc)
+            _write(record, {"peer": swarm.id, "event": "stale", "t": time.time(), "reason": str(exc)})
+            swarm.rejoin(timeout=w.op_timeout)
+        if w.pause:
+            time.sleep(w.pause)
+    return {"peer": swarm.id, "committed": committed, "aborted": aborted, **swarm.stats}
+
+
+def _key_of(exc: OpAborted) -> str:
+    text = str(exc)
+    if text.startswith("op "):
+        return text.split()[1]
+    return ""
+
+
+def _write(record: Optional[IO[str]], obj: dict[str, Any]) -> None:
+    if record is not None:
+        record.write(json.dumps(obj) + "\n")
+        record.flush()
+
+
+def wait_for_members(swarm: Swarm, expect: int, timeout: float) -> None:
+    """Collective loop: barriers (which carry the pending count) and topology updates until ``expect``
+    members are in. Every member takes the same branches, so no one waits on a vote alone."""
+    deadline = time.monotonic() + timeout
+    while len(swarm.members) < expect:
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"only {len(swarm.members)} of {expect} peers joined")
+        try:
+            if swarm.peers_pending:
+                swarm.update_topology(timeout=timeout)
+            else:
+                swarm.comm.barrier(timeout=timeout)
+        except TooFewPeers:
+            try:
+                swarm.wait_epoch_change(swarm.epoch, 0.5)
+            except DeadlineExceeded:
+                pass  # still alone; keep waiting until the overall deadline
+
+
+def run_bench(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
+              timeout: float = 300.0) -> dict[str, Any]:
+    """Time ``iters`` all-reduces of ``elems`` float32 among exactly ``expect`` members."""
+    wait_for_members(swarm, expect, timeout)
+    x = np.ones(elems, dtype=np.float32)
+    for _ in range(warmup):
+        swarm.comm.all_reduce(x, timeout=timeout)
+        x.fill(1.0)
+    swarm.comm.barrier(timeout=timeout)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        swarm.comm.all_reduce(x, timeout=timeout)
+    elapsed = time.perf_counter() - t0
+    ok = bool(np.all(x == np.float32(expect) ** iters))
+    swarm.comm.barrier(timeout=timeout)
+    return {"peer": swarm.id, "seconds_per_op": elapsed / iters, "correct": ok, "members": len(swarm.members)}
