@@ -60,10 +60,11 @@ class _Op:
 
 
 class CoordinatorCore:
-    def __init__(self, me: str, me_addr: str, timeouts: Timeouts, now: float, *, term: int = 1,
+    def __init__(self, me: str, me_addr: str, timeouts: Timeouts, now: float, *, swarm: str = "default",
+                 term: int = 1,
                  epoch: int = 0, members: list[tuple[str, str]] | None = None,
                  reform_expected: set[str] | None = None) -> None:
-        self.me, self.me_addr, self.t = me, me_addr, timeouts
+        self.me, self.me_addr, self.t, self.swarm = me, me_addr, timeouts, swarm
         self.term, self.epoch = term, epoch
         self.members: list[str] = [m for m, _ in members or []]
         self.addrs: dict[str, str] = dict(members or [])
@@ -79,6 +80,8 @@ class CoordinatorCore:
         self.reform_deadline = now + timeouts.reform_window
         self.reform_expected = set(reform_expected or ())
         self.rejoined: dict[str, wire.Rejoin] = {}
+        self.failed_reform = False
+        self.former: collections.OrderedDict[str, str] = collections.OrderedDict()  # evicted id -> addr
 
     # ------------------------------------------------------------------ helpers
     def _epoch_update(self, reason: str) -> list[Action]:
@@ -123,8 +126,16 @@ class CoordinatorCore:
         self.last_seen.pop(peer, None)
         self.down_since.pop(peer, None)
         out = self._new_epoch(f"{peer} lost: {reason}")
-        self.addrs.pop(peer, None)
+        self._forget(peer)
         return out + [Drop(peer)]
+
+    def _forget(self, peer: str) -> None:
+        """Remember an evicted peer's address (bounded) so that it can be told it is stale."""
+        addr = self.addrs.pop(peer, None)
+        if addr is not None:
+            self.former[peer] = addr
+            while len(self.former) > 1024:
+                self.former.popitem(last=False)
 
     def _admit_pending(self, reason: str) -> list[Action]:
         joined = list(self.pending)
@@ -147,9 +158,10 @@ class CoordinatorCore:
             return self._on_join(sender, msg, now)
         known = sender in self.members or sender in self.pending
         if not known:
-            if isinstance(msg, (wire.Heartbeat, wire.TopologyVote, wire.OpDone, wire.OpFail, wire.Suspect)):
-                if sender in self.addrs or isinstance(msg, wire.Heartbeat):
-                    return [self._stale(sender, "not a member")] if sender in self.addrs else []
+            addr = self.former.get(sender)
+            if addr is not None and isinstance(msg, (wire.Heartbeat, wire.TopologyVote, wire.OpDone,
+                                                      wire.OpFail, wire.Suspect)):
+                return [Connect(sender, addr), self._stale(sender, "not a member (evicted)")]
             return []
         if isinstance(msg, wire.Heartbeat):
             return [Out(sender, wire.HeartbeatAck(self.term, self.epoch, len(self.pending)))]
@@ -171,6 +183,11 @@ class CoordinatorCore:
     def _on_join(self, sender: str, msg: wire.Join, now: float) -> list[Action]:
         if msg.peer_id != sender:
             return []
+        if msg.swarm != self.swarm:
+            log.warning("coordinator %s: refusing %s from swarm %r", self.me, sender, msg.swarm)
+            return [Connect(sender, msg.addr),
+                    Out(sender, wire.Stale(self.term, self.epoch, self.me, self.me_addr,
+                                           f"wrong swarm {msg.swarm!r}"))]
         out: list[Action] = []
         if sender in self.members:  # it restarted: the old incarnation is gone
             out += self.evict(sender, "rejoined as a new incarnation")
@@ -273,6 +290,14 @@ class CoordinatorCore:
 
     def _finish_reform(self, now: float) -> list[Action]:
         self.reforming = False
+        quorum = len(self.reform_expected) // 2 + 1
+        if len(self.rejoined) < quorum:
+            # A minority (e.g. we were partitioned or stalled): forming a swarm here would split the brain.
+            log.warning("coordinator %s: only %d of %d survivors checked in (quorum %d); giving up",
+                        self.me, len(self.rejoined), len(self.reform_expected), quorum)
+            self.failed_reform = True
+            return [Out(m, wire.Stale(self.term, self.epoch, self.me, self.me_addr, "no quorum to re-form"))
+                    for m in self.rejoined if m != self.me]
         self.members = [m for m in self.members if m in self.rejoined]
         for m in list(self.addrs):
             if m not in self.members:

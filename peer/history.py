@@ -1,7 +1,8 @@
 """Offline checks of the invariants on recorded op histories (one JSON line per op attempt per peer).
 
 - parity (I1): every committed op has one result digest across all members that recorded it;
-- atomicity (I2): no op is committed on one member and aborted on another;
+- atomicity (I2): no op is committed on one member and aborted on another, and every aborted op left the
+  caller's buffer exactly as it was;
 - correctness: where every member recorded its input seed, the result matches the numpy reference.
 """
 
@@ -25,6 +26,7 @@ def check_records(records: Iterable[dict[str, Any]], elems: int | None = None,
         (committed if r["committed"] else aborted)[r.get("key", "")].append(r)
     parity = [k for k, rs in committed.items() if len({r["digest"] for r in rs}) > 1]
     partial = [k for k in committed if k in aborted]
+    unrestored = [k for k, rs in aborted.items() if any(r.get("restored") is False for r in rs)]
     mismatches: list[str] = []
     checked = 0
     if elems is not None:
@@ -42,5 +44,6 @@ def check_records(records: Iterable[dict[str, Any]], elems: int | None = None,
             checked += 1
     return {"ops_committed": len(committed), "ops_aborted": len([k for k in aborted if k]),
             "parity_violations": len(parity), "partial_commits": len(partial),
+            "unrestored_buffers": len(unrestored),
             "reference_checked": checked, "reference_mismatches": len(mismatches),
-            "bad_keys": sorted(parity + partial + mismatches)[:20]}
+            "bad_keys": sorted(parity + partial + mismatches + unrestored)[:20]}

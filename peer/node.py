@@ -76,9 +76,13 @@ class Node:
         self._thread = threading.Thread(target=self._run, name=f"swarm-{self.id}", daemon=True)
         self.error: Optional[BaseException] = None
         self._last_hb = 0.0
+        self._join_addr = ""
+        self._last_tick = time.monotonic()
+        self.old_coord_id = ""
+        self.old_coord_addr = ""
         now = time.monotonic()
         if cfg.coordinator:
-            self.coord = CoordinatorCore(self.id, self.addr, self.t, now)
+            self.coord = CoordinatorCore(self.id, self.addr, self.t, now, swarm=cfg.swarm)
             self.coord_id, self.coord_addr, self.term = self.id, self.addr, 1
         if cfg.member:
             self.join_deadline = now + self.t.join_timeout
@@ -210,14 +214,20 @@ class Node:
         if self.coord is not None:
             self._apply(self.coord.on_message(sender, msg, now))
             return
-        if isinstance(msg, wire.Join) and self.coord_id and msg.peer_id == sender:
+        if isinstance(msg, wire.Join) and self.state == "member" and msg.peer_id == sender:
             self.transport.connect(sender, msg.addr)
             self.addrs.setdefault(sender, msg.addr)
             self._send(sender, wire.Redirect(self.coord_id, self.coord_addr))
         elif isinstance(msg, wire.Rejoin) and msg.term > self.term:
             # A survivor thinks the coordinator is dead and that I am its successor.
-            self.early_rejoins.append((sender, msg))
             self.addrs.setdefault(sender, msg.addr)
+            if self.state == "member" and self.transport.is_up(self.coord_id) \
+                    and now - self.last_ack < 2 * self.t.heartbeat_interval + 0.05:
+                # Our coordinator answers: the sender was stalled or cut off, not the coordinator.
+                self.transport.connect(sender, msg.addr)
+                self._send(sender, wire.Redirect(self.coord_id, self.coord_addr))
+                return
+            self.early_rejoins.append((sender, msg))
             if self.state == "member" and not self.transport.is_up(self.coord_id):
                 self._coordinator_dead(now, f"{sender} reports it gone")
 
@@ -228,9 +238,14 @@ class Node:
                 self._become_stale(msg, now)
             return
         if isinstance(msg, wire.Redirect):
+            if self.state == "reforming" and msg.coord_id == self.coord_id:
+                # The coordinator we gave up on is alive for the others: ask it where we stand.
+                self.state = "member"
+                self.last_ack = now
+                self._send(self.coord_id, wire.Heartbeat(self.term, self.epoch))
+                return
             if self.state == "joining":
-                self._seed(msg.coord_addr)
-                self._send(SEED, wire.Join(self.id, self.addr, self.cfg.swarm))
+                self._send_join(msg.coord_addr)
             return
         if term is not None and term < self.term:
             # An old coordinator that has been replaced: tell it.
@@ -256,15 +271,22 @@ class Node:
         elif isinstance(msg, wire.TopologyDone):
             self._wake_waiters(None)
 
-    def _seed(self, addr: str) -> None:
-        self.transport.disconnect(SEED)
-        self.transport.connect(SEED, addr)
+    def _send_join(self, addr: str) -> None:
+        """Send Join to ``addr``. Reuse a link we already have to that address: a second socket with our
+        identity to the same ROUTER would take the identity over and drop the first one's messages."""
+        self._join_addr = addr
+        key = next((p for p, link in self.transport.links.items() if link.addr == addr), None)
+        if key is None:
+            self.transport.disconnect(SEED)
+            self.transport.connect(SEED, addr)
+            key = SEED
+        self._send(key, wire.Join(self.id, self.addr, self.cfg.swarm))
 
     def _seed_addr(self) -> str:
-        link = self.transport.links.get(SEED)
-        return link.addr if link else self.coord_addr
+        return self._join_addr or self.coord_addr
 
     def _adopt_coordinator(self, coord_id: str, coord_addr: str, term: int) -> None:
+        self.transport.disconnect(SEED)
         if coord_id != self.id:
             self.transport.connect(coord_id, coord_addr)
         self.coord_id, self.coord_addr, self.term = coord_id, coord_addr, term
@@ -349,8 +371,7 @@ class Node:
             return
         addr = self.join_addrs[self.join_index % len(self.join_addrs)]
         self.join_index += 1
-        self._seed(addr)
-        self._send(SEED, wire.Join(self.id, self.addr, self.cfg.swarm))
+        self._send_join(addr)
         self.join_retry_at = now + max(1.0, self.t.heartbeat_interval * 4)
 
     def rejoin(self) -> None:
@@ -369,6 +390,7 @@ class Node:
         log.warning("%s: coordinator %s presumed dead (%s)", self.id, self.coord_id, why)
         self._note("coordinator_lost", f"{self.coord_id}: {why}")
         self.reform_candidates = [m for m in self.members if m != self.coord_id]
+        self.old_coord_id, self.old_coord_addr = self.coord_id, self.coord_addr
         self.reform_term = self.term + 1
         self.state = "reforming"
         self._next_candidate(now)
@@ -384,7 +406,8 @@ class Node:
                              tuple(self.engine.awaiting_keys()))
         if cand == self.id:
             survivors = [(m, self.addrs[m]) for m in self.reform_candidates]
-            self.coord = CoordinatorCore(self.id, self.addr, self.t, now, term=self.reform_term,
+            self.coord = CoordinatorCore(self.id, self.addr, self.t, now, swarm=self.cfg.swarm,
+                                         term=self.reform_term,
                                          epoch=self.epoch, members=survivors,
                                          reform_expected={m for m, _ in survivors})
             self._note("coordinator", f"taking over as coordinator, term {self.reform_term}")
@@ -404,8 +427,20 @@ class Node:
 
     # ------------------------------------------------------------------ timers
     def _tick(self, now: float) -> None:
+        if now - self._last_tick > self.t.coordinator_timeout / 2:
+            # We were not running (SIGSTOP, swap, a long GC): the silence was ours, not the coordinator's.
+            log.warning("%s: local stall of %.1fs; checking in before judging others", self.id,
+                        now - self._last_tick)
+            self._note("local_stall", f"{now - self._last_tick:.1f}s")
+            self.last_ack = now
+            self._last_hb = 0.0
+        self._last_tick = now
         if self.coord is not None:
             self._apply(self.coord.tick(now))
+            if self.coord.failed_reform:
+                self.coord = None
+                self._become_stale(wire.Stale(self.term, self.epoch, self.old_coord_id, self.old_coord_addr,
+                                              "no quorum to re-form"), now)
         self.engine.tick(now, self.t.op_progress_timeout)
         if self.state in ("member", "pending") and self.coord_id:
             if now - self._last_hb >= self.t.heartbeat_interval:

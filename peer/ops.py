@@ -190,6 +190,8 @@ class OpEngine:
         if rec.state != "running":
             return
         try:
+            if rec.core is None:
+                raise ProtocolError(f"data for {rec.spec.kind} op {wire.op_key(*rec.key)}, which carries none")
             sends = rec.core.on_chunk(sender, msg, payload)
         except (ProtocolError, WireError) as exc:
             self._suspect(sender, f"protocol: {exc}")

@@ -218,7 +218,9 @@ class Swarm:
 
     def rejoin(self, timeout: float = 60.0) -> None:
         """After a StaleError: ask to be admitted again (then resync any shared state)."""
-        self.node.call(self.node.rejoin)
+        started = Handle("rejoin")
+        self.node.call(lambda: (self.node.rejoin(), started.resolve()))
+        started.wait(timeout)
         self.wait_admitted(timeout)
 
     def leave(self, timeout: float = 5.0) -> None:

@@ -47,12 +47,14 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
     start = time.monotonic()
     attempt = committed = aborted = 0
     seed = -1
+    x: Optional[np.ndarray] = None
     while True:
         if w.ops is not None and committed >= w.ops:
             break
         if w.duration is not None and time.monotonic() - start >= w.duration:
             break
         try:
+            x = None
             if swarm.peers_pending:
                 swarm.update_topology(timeout=w.op_timeout)
             seed = seed_for(swarm.id, attempt)
@@ -76,9 +78,11 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
                 pass  # still alone: loop and check the stop conditions
         except OpAborted as exc:
             aborted += 1
+            # I2: the aborted op must have left our buffer exactly as it was.
+            restored = x is not None and x.tobytes() == input_for(seed, w.elems).tobytes()
             _write(record, {"peer": swarm.id, "committed": False, "error": type(exc).__name__,
                             "reason": exc.reason or str(exc), "seed": seed, "t": time.time(),
-                            "key": _key_of(exc)})
+                            "key": _key_of(exc), "restored": restored})
             if progress is not None:
                 progress.write(f"[{swarm.id}] op aborted ({exc.reason or exc}); retrying\n")
                 progress.flush()

@@ -1,0 +1,87 @@
+"""Shared fixtures: fast timeouts, in-process swarms and local peer processes that are always cleaned up."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from peer import PeerConfig, Swarm, Timeouts
+from peer.procs import LocalProcs
+
+# Short timeouts so failure tests finish quickly (defaults are sized for the internet).
+FAST = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=1.5, coordinator_timeout=1.5,
+                reconnect_grace=0.5, reform_window=1.0, op_progress_timeout=8.0, verdict_timeout=5.0,
+                join_timeout=20.0)
+FAST_ARGS = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1.5", "--coordinator-timeout", "1.5",
+             "--reform-window", "1.0", "--op-progress-timeout", "8"]
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[LocalProcs]:
+    lp = LocalProcs(tmp_path)
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+class InProcess:
+    """Several peers in this process (each with its own I/O thread and real loopback sockets)."""
+
+    def __init__(self) -> None:
+        self.swarms: list[Swarm] = []
+
+    def coordinator(self, **kw: Any) -> Swarm:
+        s = Swarm(PeerConfig(peer_id=kw.pop("peer_id", "coord"), coordinator=True, member=False,
+                             timeouts=kw.pop("timeouts", FAST), **kw))
+        self.swarms.append(s)
+        return s
+
+    def peer(self, peer_id: str, join: list[str], **kw: Any) -> Swarm:
+        s = Swarm(PeerConfig(peer_id=peer_id, join=tuple(join), timeouts=kw.pop("timeouts", FAST), **kw))
+        self.swarms.append(s)
+        return s
+
+    def crash(self, s: Swarm) -> None:
+        """Like SIGKILL for an in-process peer: sockets close, no goodbye."""
+        s.node._stop.set()
+        s.node._thread.join(5)
+        s.node.transport.close()
+
+    def close(self) -> None:
+        for s in self.swarms:
+            if s.node._thread.is_alive():
+                s.node.close()
+            elif not s.node.transport.closed:
+                s.node.transport.close()
+
+
+@pytest.fixture
+def inproc() -> Iterator[InProcess]:
+    ip = InProcess()
+    try:
+        yield ip
+    finally:
+        ip.close()
+
+
+def run_all(fns: list[Callable[[], Any]], timeout: float = 60.0) -> list[Any]:
+    """Run callables in threads; return results (or raised exceptions) in order."""
+    results: list[Any] = [None] * len(fns)
+
+    def wrap(i: int, fn: Callable[[], Any]) -> None:
+        try:
+            results[i] = fn()
+        except Exception as exc:  # returned to the test, which asserts on it
+            results[i] = exc
+
+    threads = [threading.Thread(target=wrap, args=(i, f), daemon=True) for i, f in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a collective did not return in time"
+    return results
