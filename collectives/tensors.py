@@ -39,11 +39,13 @@ def flat_view(t: Any) -> tuple[np.ndarray, str]:
         name = t.dtype.name
         if name not in DTYPES or name == "uint16":
             raise LocalError(f"unsupported numpy dtype {t.dtype}")
+        if not t.dtype.isnative:
+            raise LocalError(f"array has non-native byte order ({t.dtype.str}); convert with .astype(...)")
         if not t.flags.c_contiguous:
             raise LocalError("array must be C-contiguous")
         if not t.flags.writeable:
             raise LocalError("array must be writeable")
-        return t.reshape(-1), name
+        return t.view(np.ndarray).reshape(-1), name
     mod = type(t).__module__
     if mod.startswith("torch"):
         name = _TORCH_NAMES.get(str(t.dtype))
@@ -53,6 +55,8 @@ def flat_view(t: Any) -> tuple[np.ndarray, str]:
             raise LocalError("only CPU tensors are supported (copy to CPU first)")
         if not t.is_contiguous():
             raise LocalError("tensor must be contiguous")
+        if t.is_neg() or t.is_conj():
+            raise LocalError("tensor is a lazy negation/conjugate view; call .resolve_neg() first")
         if t.requires_grad and t.is_leaf:
             t = t.detach()
         flat = t.detach().reshape(-1)
@@ -100,7 +104,9 @@ _NP_OPS: dict[str, Callable[..., np.ndarray]] = {"sum": np.add, "avg": np.add, "
 
 
 def reduce_into(out: np.ndarray, a: np.ndarray, b: np.ndarray, op: str, dtype: str) -> np.ndarray:
-    """out = a (op) b elementwise. ``out`` may alias ``a``. Deterministic: a (op) b == b (op) a bitwise."""
+    """out = a (op) b elementwise. ``out`` may alias ``a``. Deterministic for fixed operand order; the ring
+    computes every chunk on exactly one owner and forwards those bytes, so members never depend on
+    commutativity (min/max of +0/-0 and NaN payloads are not commutative bitwise)."""
     fn = _NP_OPS[op]
     if dtype == "bfloat16":
         return f32_to_bf16(fn(bf16_to_f32(a), bf16_to_f32(b)), out=out)

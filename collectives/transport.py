@@ -127,7 +127,13 @@ class Transport:
             sock.setsockopt(zmq.IPV6, 1)
         self.security.configure_client(sock, peer)
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-        sock.connect(addr)
+        try:
+            sock.connect(addr)
+        except zmq.ZMQError as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            raise WireError(f"cannot connect to {addr!r:.80}: {exc}") from None
         self.links[peer] = _Link(addr, sock, monitor)
         self._by_monitor[monitor] = peer
         self.poller.register(monitor, zmq.POLLIN)

@@ -24,9 +24,9 @@ MAX_ITEMS = 4096
 MAX_INT = 2**63 - 1
 MIN_INT = -(2**63)
 
-PEER_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-GROUP_RE = re.compile(r"^[a-z0-9]{1,40}$")
-ADDR_RE = re.compile(r"^tcp://[A-Za-z0-9_.:\[\]-]{1,256}:[0-9]{1,5}$")
+PEER_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+GROUP_RE = re.compile(r"[a-z0-9]{1,40}")
+ADDR_RE = re.compile(r"tcp://[A-Za-z0-9_.:\[\]-]{1,256}:[0-9]{1,5}")
 
 # Collective phases carried by Chunk.
 PHASE_REDUCE_SCATTER = 0
@@ -37,19 +37,24 @@ PHASES = (PHASE_REDUCE_SCATTER, PHASE_ALL_GATHER, PHASE_BROADCAST, PHASE_P2P)
 
 
 def check_peer_id(value: str) -> str:
-    if not isinstance(value, str) or not PEER_ID_RE.match(value):
+    if not isinstance(value, str) or not PEER_ID_RE.fullmatch(value):
         raise WireError(f"invalid peer id {value!r:.80}")
     return value
 
 
+def clip(text: str, max_bytes: int = 500) -> str:
+    """Shorten free text (reasons) to at most ``max_bytes`` UTF-8 bytes, never splitting a character."""
+    return text.encode("utf-8", "replace")[:max_bytes].decode("utf-8", "ignore")
+
+
 def check_group(value: str) -> str:
-    if not isinstance(value, str) or not GROUP_RE.match(value):
+    if not isinstance(value, str) or not GROUP_RE.fullmatch(value):
         raise WireError(f"invalid group id {value!r:.80}")
     return value
 
 
 def check_addr(value: str) -> str:
-    if not isinstance(value, str) or not ADDR_RE.match(value):
+    if not isinstance(value, str) or not ADDR_RE.fullmatch(value):
         raise WireError(f"invalid address {value!r:.80}")
     return value
 
@@ -99,8 +104,8 @@ def _check_scalar(where: str, typ: type, value: Any) -> None:
         if type(value) is not float:
             raise WireError(f"{where}: expected float, got {type(value).__name__}")
     elif typ is str:
-        if type(value) is not str or len(value) > MAX_STR:
-            raise WireError(f"{where}: expected str of at most {MAX_STR} chars")
+        if type(value) is not str or len(value) > MAX_STR or len(value.encode("utf-8", "surrogatepass")) > MAX_STR:
+            raise WireError(f"{where}: expected str of at most {MAX_STR} UTF-8 bytes")
     elif typ is bytes:
         if type(value) is not bytes or len(value) > MAX_BYTES:
             raise WireError(f"{where}: expected bytes of at most {MAX_BYTES}")
@@ -207,6 +212,9 @@ class Welcome(Message):
     epoch: int
     coord_id: str
 
+    def validate(self) -> None:
+        check_peer_id(self.coord_id)
+
 
 @register
 @dataclass(frozen=True)
@@ -236,6 +244,10 @@ class Stale(Message):
     coord_addr: str
     reason: str
 
+    def validate(self) -> None:
+        check_peer_id(self.coord_id)
+        check_addr(self.coord_addr)
+
 
 @register
 @dataclass(frozen=True)
@@ -259,6 +271,8 @@ class EpochUpdate(Message):
     reason: str
 
     def validate(self) -> None:
+        check_peer_id(self.coord_id)
+        check_addr(self.coord_addr)
         if len(self.member_ids) != len(self.member_addrs):
             raise WireError("EpochUpdate: ids and addrs differ in length")
         if len(set(self.member_ids)) != len(self.member_ids):
@@ -298,6 +312,9 @@ class OpDone(Message):
     digest: bytes
     members: tuple[str, ...]  # the group's ring (empty for the world group "w")
 
+    def validate(self) -> None:
+        _check_op(self.group, self.seq, self.members)
+
 
 @register
 @dataclass(frozen=True)
@@ -310,6 +327,9 @@ class OpFail(Message):
     seq: int
     reason: str
     members: tuple[str, ...]
+
+    def validate(self) -> None:
+        _check_op(self.group, self.seq, self.members)
 
 
 @register
@@ -325,6 +345,9 @@ class OpVerdict(Message):
     pending: int
     reason: str
 
+    def validate(self) -> None:
+        _check_op(self.group, self.seq, ())
+
 
 @register
 @dataclass(frozen=True)
@@ -335,6 +358,9 @@ class Suspect(Message):
     epoch: int
     suspect_id: str
     reason: str
+
+    def validate(self) -> None:
+        check_peer_id(self.suspect_id)
 
 
 @register
@@ -385,6 +411,17 @@ class P2PAck(Message):
     epoch: int
     group: str
     seq: int
+
+    def validate(self) -> None:
+        _check_op(self.group, self.seq, ())
+
+
+def _check_op(group: str, seq: int, members: tuple[str, ...]) -> None:
+    check_group(group)
+    if seq < 0:
+        raise WireError("negative op sequence number")
+    for m in members:
+        check_peer_id(m)
 
 
 def op_key(epoch: int, group: str, seq: int) -> str:

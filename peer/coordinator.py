@@ -109,7 +109,6 @@ class CoordinatorCore:
     def _new_epoch(self, reason: str) -> list[Action]:
         out = self._abort_open_ops(f"membership changed: {reason}")
         self.epoch += 1
-        self.votes.clear()
         return out + self._epoch_update(reason)
 
     def evict(self, peer: str, reason: str) -> list[Action]:
@@ -125,9 +124,10 @@ class CoordinatorCore:
         self.members.remove(peer)
         self.last_seen.pop(peer, None)
         self.down_since.pop(peer, None)
+        self.votes.discard(peer)
         out = self._new_epoch(f"{peer} lost: {reason}")
         self._forget(peer)
-        return out + [Drop(peer)]
+        return out + self._maybe_finish_vote() + [Drop(peer)]
 
     def _forget(self, peer: str) -> None:
         """Remember an evicted peer's address (bounded) so that it can be told it is stale."""
@@ -203,15 +203,18 @@ class CoordinatorCore:
         return out
 
     def _on_vote(self, sender: str, msg: wire.TopologyVote) -> list[Action]:
-        if msg.epoch != self.epoch:
-            return [Out(sender, wire.TopologyDone(self.term, msg.epoch, self.epoch))]
+        # A member blocked in update_topology is at a safe point (no op in flight), whichever epoch it
+        # last saw, so its vote counts for the current epoch. A vote completes when every member has one.
         self.votes.add(sender)
-        if not set(self.members) <= self.votes:
+        return self._maybe_finish_vote()
+
+    def _maybe_finish_vote(self) -> list[Action]:
+        if not self.votes or not set(self.members) <= self.votes:
             return []
-        voters = list(self.members)
+        voters = [m for m in self.members if m in self.votes]
         voted = self.epoch
-        out: list[Action] = self._admit_pending("topology update") if self.pending else []
         self.votes.clear()
+        out: list[Action] = self._admit_pending("topology update") if self.pending else []
         return out + [Out(m, wire.TopologyDone(self.term, voted, self.epoch)) for m in voters]
 
     def _on_op(self, sender: str, msg: wire.OpDone | wire.OpFail) -> list[Action]:

@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 import zmq
 
 from collectives import wire
-from collectives.errors import CoordinatorUnavailable, LocalError, StaleError, TooFewPeers
+from collectives.errors import (CoordinatorUnavailable, LocalError, ProtocolError, StaleError, TooFewPeers,
+                                WireError)
 from collectives.transport import Bad, LinkEvent, Received, Transport
 from peer.config import PeerConfig, normalize_addr
 from peer.coordinator import Action, Connect, CoordinatorCore, Drop, Out
@@ -164,7 +165,7 @@ class Node:
     def _suspect(self, peer: str, reason: str) -> None:
         log.warning("%s: suspect %s: %s", self.id, peer, reason)
         self._note("suspect", f"{peer}: {reason}")
-        self._to_coordinator(wire.Suspect(self.term, self.epoch, peer, reason[:500]))
+        self._to_coordinator(wire.Suspect(self.term, self.epoch, peer, wire.clip(reason)))
 
     def _apply(self, actions: list[Action]) -> None:
         for a in actions:
@@ -181,7 +182,10 @@ class Node:
     # ------------------------------------------------------------------ events
     def _on_event(self, ev: Any, now: float) -> None:
         if isinstance(ev, Received):
-            self._on_message(ev.sender, ev.msg, ev.payload, now)
+            try:
+                self._on_message(ev.sender, ev.msg, ev.payload, now)
+            except (WireError, ProtocolError) as exc:  # a peer's fault: drop it, keep serving the rest
+                self._on_event(Bad(ev.sender, WireError(str(exc))), now)
         elif isinstance(ev, LinkEvent):
             if self.coord is not None:
                 self._apply(self.coord.on_link(ev.peer, ev.kind, now))
@@ -300,6 +304,7 @@ class Node:
             return
         if self.coord is not None and msg.coord_id != self.id:
             self.coord = None  # someone else coordinates now
+        new_term = msg.term != self.term
         self._adopt_coordinator(msg.coord_id, msg.coord_addr, msg.term)
         old = set(self.members)
         self.epoch = msg.epoch
@@ -320,7 +325,8 @@ class Node:
         self.engine.new_epoch(msg.term, msg.epoch, self.members, msg.reason)
         self._note("epoch", f"{msg.epoch} {','.join(self.members)} ({msg.reason})")
         log.info("%s: epoch %d members=%s (%s)", self.id, msg.epoch, self.members, msg.reason)
-        self._wake_waiters(None)
+        if new_term:
+            self._wake_waiters(None)  # votes cast under the old coordinator are void
         with self.admitted:
             self.admitted.notify_all()
 

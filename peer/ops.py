@@ -245,7 +245,7 @@ class OpEngine:
         if rec.state == "running":
             rec.state = "failing"
             members = () if rec.key[1] == WORLD else rec.members
-            self._to_coord(wire.OpFail(self.term, *rec.key, reason[:500], members))
+            self._to_coord(wire.OpFail(self.term, *rec.key, wire.clip(reason), members))
 
     def tick(self, now: float, progress_timeout: float) -> None:
         for rec in list(self.ops.values()):
