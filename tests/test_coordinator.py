@@ -1,0 +1,138 @@
+"""Tier 1: the coordinator state machine, driven by messages and time only (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from collectives import wire
+from peer.config import Timeouts
+from peer.coordinator import Connect, CoordinatorCore, Drop, Out
+
+pytestmark = pytest.mark.timeout(30)
+T = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=1.0, coordinator_timeout=1.0, reconnect_grace=0.5,
+             reform_window=1.0, op_progress_timeout=5.0)
+
+
+def addr(p: str) -> str:
+    return f"tcp://127.0.0.1:{1000 + sum(map(ord, p))}"
+
+
+def msgs(actions: list, kind: type, to: str | None = None) -> list:
+    return [a.msg for a in actions if isinstance(a, Out) and isinstance(a.msg, kind) and (to is None or a.to == to)]
+
+
+def core_with(members: list[str], now: float = 0.0) -> CoordinatorCore:
+    c = CoordinatorCore("coord", addr("coord"), T, now)
+    for m in members:
+        out = c.on_message(m, wire.Join(m, addr(m), "default"), now)
+        if len(c.members) >= 2 and c.pending:
+            for v in list(c.members):
+                out = c.on_message(v, wire.TopologyVote(c.term, c.epoch), now)
+    return c
+
+
+def test_first_two_joiners_are_admitted_at_once_third_waits_for_a_vote() -> None:
+    c = CoordinatorCore("coord", addr("coord"), T, 0.0)
+    out = c.on_message("a", wire.Join("a", addr("a"), "default"), 0.0)
+    assert Connect("a", addr("a")) in out and c.members == ["a"] and c.epoch == 1
+    c.on_message("b", wire.Join("b", addr("b"), "default"), 0.0)
+    assert c.members == ["a", "b"] and c.epoch == 2
+    out = c.on_message("x", wire.Join("x", addr("x"), "default"), 0.0)
+    assert c.pending == ["x"] and c.members == ["a", "b"] and msgs(out, wire.Welcome, "x")
+    assert not msgs(c.on_message("a", wire.TopologyVote(1, 2), 0.1), wire.TopologyDone)
+    out = c.on_message("b", wire.TopologyVote(1, 2), 0.1)
+    assert c.members == ["a", "b", "x"] and c.epoch == 3 and not c.pending
+    ups = msgs(out, wire.EpochUpdate)
+    assert len(ups) == 3 and ups[0].member_ids == ("a", "b", "x")
+    assert {a.to for a in out if isinstance(a, Out) and isinstance(a.msg, wire.TopologyDone)} == {"a", "b"}
+
+
+def test_a_vote_from_an_older_epoch_still_counts() -> None:
+    c = core_with(["a", "b"])
+    c.on_message("x", wire.Join("x", addr("x"), "default"), 0.0)
+    c.on_message("a", wire.TopologyVote(1, c.epoch - 1), 0.0)  # a had not seen the last epoch yet
+    out = c.on_message("b", wire.TopologyVote(1, c.epoch), 0.0)
+    assert "x" in c.members and len(msgs(out, wire.TopologyDone)) == 2
+
+
+def test_a_death_completes_a_vote_the_dead_peer_never_cast() -> None:
+    c = core_with(["a", "b", "d"])
+    c.on_message("x", wire.Join("x", addr("x"), "default"), 0.0)
+    c.on_message("a", wire.TopologyVote(1, c.epoch), 0.0)
+    c.on_message("b", wire.TopologyVote(1, c.epoch), 0.0)
+    out = c.evict("d", "test")
+    assert c.members == ["a", "b", "x"] and len(msgs(out, wire.TopologyDone)) == 2
+
+
+def test_op_commits_only_when_every_member_is_done_with_equal_digests() -> None:
+    c = core_with(["a", "b", "c"])
+    e = c.epoch
+    assert not c.on_message("a", wire.OpDone(1, e, "w", 0, b"x", ()), 0.0)
+    assert not c.on_message("b", wire.OpDone(1, e, "w", 0, b"x", ()), 0.0)
+    out = c.on_message("c", wire.OpDone(1, e, "w", 0, b"x", ()), 0.0)
+    verdicts = msgs(out, wire.OpVerdict)
+    assert len(verdicts) == 3 and all(v.commit for v in verdicts)
+    # a late duplicate gets the same verdict again, never a different one
+    again = msgs(c.on_message("a", wire.OpDone(1, e, "w", 0, b"x", ()), 0.0), wire.OpVerdict)
+    assert again and again[0].commit
+    for m in ("a", "b"):
+        c.on_message(m, wire.OpDone(1, e, "w", 1, b"x", ()), 0.0)
+    out = c.on_message("c", wire.OpDone(1, e, "w", 1, b"y", ()), 0.0)
+    assert not any(v.commit for v in msgs(out, wire.OpVerdict)), "different digests must abort"
+
+
+def test_death_aborts_open_ops_before_the_new_epoch_is_announced() -> None:
+    c = core_with(["a", "b", "c"])
+    e = c.epoch
+    c.on_message("a", wire.OpDone(1, e, "w", 0, b"", ()), 0.0)
+    out = c.on_link("c", "down", 0.1) + c.on_link("c", "refused", 0.2)
+    kinds = [type(a.msg).__name__ for a in out if isinstance(a, Out) and a.to == "a"]
+    assert kinds.index("OpVerdict") < kinds.index("EpochUpdate")
+    assert not msgs(out, wire.OpVerdict)[0].commit and c.members == ["a", "b"]
+    assert Drop("c") in out
+    late = msgs(c.on_message("b", wire.OpDone(1, e, "w", 0, b"", ()), 0.3), wire.OpVerdict)
+    assert late and not late[0].commit
+
+
+def test_silent_member_is_evicted_after_the_heartbeat_deadline_and_told_it_is_stale() -> None:
+    c = core_with(["a", "b", "c"])
+    for t in (0.3, 0.6, 0.9):
+        c.on_message("a", wire.Heartbeat(1, c.epoch), t)
+        c.on_message("b", wire.Heartbeat(1, c.epoch), t)
+        assert not c.tick(t)
+    out = c.tick(1.2)
+    assert c.members == ["a", "b"] and msgs(out, wire.EpochUpdate)
+    back = c.on_message("c", wire.Heartbeat(1, 3), 5.0)
+    assert msgs(back, wire.Stale, "c")
+
+
+def test_successor_resolves_in_doubt_ops_from_what_survivors_report() -> None:
+    c = CoordinatorCore("a", addr("a"), T, 0.0, term=2, epoch=7,
+                        members=[("a", addr("a")), ("b", addr("b")), ("c", addr("c"))],
+                        reform_expected={"a", "b", "c"})
+    k1, k2 = wire.op_key(7, "w", 3), wire.op_key(7, "w", 4)
+    c.on_message("a", wire.Rejoin(2, 7, addr("a"), (k1,), (k2,)), 0.0)
+    c.on_message("b", wire.Rejoin(2, 7, addr("b"), (), (k1, k2)), 0.0)
+    assert not c.tick(0.5)  # still waiting for c
+    out = c.tick(1.1)
+    verdicts = {(a.to, a.msg.seq): a.msg.commit for a in out if isinstance(a, Out)
+                and isinstance(a.msg, wire.OpVerdict)}
+    assert verdicts == {("a", 4): False, ("b", 3): True, ("b", 4): False}
+    assert c.members == ["a", "b"] and c.epoch == 8 and msgs(out, wire.EpochUpdate)
+
+
+def test_a_minority_cannot_reform() -> None:
+    c = CoordinatorCore("c", addr("c"), T, 0.0, term=2, epoch=7,
+                        members=[("a", addr("a")), ("b", addr("b")), ("c", addr("c"))],
+                        reform_expected={"a", "b", "c"})
+    c.on_message("c", wire.Rejoin(2, 7, addr("c"), (), ()), 0.0)
+    c.tick(1.1)
+    assert c.failed_reform
+
+
+def test_join_from_another_swarm_or_with_a_forged_id_is_refused() -> None:
+    c = CoordinatorCore("coord", addr("coord"), T, 0.0, swarm="alpha")
+    out = c.on_message("x", wire.Join("x", addr("x"), "beta"), 0.0)
+    assert msgs(out, wire.Stale, "x") and not c.members and not c.pending
+    assert c.on_message("x", wire.Join("y", addr("y"), "alpha"), 0.0) == []
+    assert not c.members and not c.pending
