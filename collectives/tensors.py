@@ -21,6 +21,7 @@ DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype(np.int32),
     "int64": np.dtype(np.int64),
     "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype(np.uint16),  # raw 16-bit words (e.g. bfloat16 bits moved without arithmetic)
 }
 REDUCE_OPS = ("sum", "avg", "min", "max")
 
@@ -37,7 +38,7 @@ def flat_view(t: Any) -> tuple[np.ndarray, str]:
     """
     if isinstance(t, np.ndarray):
         name = t.dtype.name
-        if name not in DTYPES or name == "uint16":
+        if name not in DTYPES:
             raise LocalError(f"unsupported numpy dtype {t.dtype}")
         if not t.dtype.isnative:
             raise LocalError(f"array has non-native byte order ({t.dtype.str}); convert with .astype(...)")

@@ -105,10 +105,22 @@ class Communicator:
         h.wait(timeout)
         return h.metrics
 
+    @property
+    def me(self) -> str:
+        return self._node.id
+
     def all_gather(self, tensor: Any, timeout: float = DEFAULT_TIMEOUT) -> list[Any]:
         """Returns one array (or tensor, if given a tensor) per member, in ring order."""
+        return self.all_gather_members(tensor, timeout)[0]
+
+    def all_gather_members(self, tensor: Any, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[Any], list[str]]:
+        """Like ``all_gather``, also returning the ids of the members (ring order) the blocks came from."""
         h = self.all_gather_async(tensor)
         flat, members = h.wait(timeout)
+        return self._blocks(tensor, flat, members), list(members)
+
+    @staticmethod
+    def _blocks(tensor: Any, flat: np.ndarray, members: Sequence[str]) -> list[Any]:
         blocks = np.split(flat, len(members))
         if type(tensor).__module__.startswith("torch"):
             import torch
