@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from collectives import tensors
-from collectives.errors import ProtocolError
+from collectives.codecs import Codec
+from collectives.errors import LocalError, ProtocolError
 from collectives.wire import (PHASE_ALL_GATHER, PHASE_BROADCAST, PHASE_P2P, PHASE_REDUCE_SCATTER, Chunk)
 
 
@@ -80,27 +81,31 @@ class RingOp:
     def digest(self) -> bytes:
         return digest(self.result)
 
-    def _chunk(self, phase: int, step: int, part: int, count: int) -> Chunk:
-        return Chunk(self.op.epoch, self.op.group, self.op.seq, phase, step, part, self.dtype, count)
-
     def _send(self, to: str, phase: int, step: int, part: int, payload: Any, count: int) -> Send:
-        self.bytes_sent += count * self.itemsize
-        return Send(to, self._chunk(phase, step, part, count), payload)
+        dtype, wire_count = self._wire(count)
+        self.bytes_sent += wire_count * tensors.DTYPES[dtype].itemsize
+        msg = Chunk(self.op.epoch, self.op.group, self.op.seq, phase, step, part, dtype, wire_count)
+        return Send(to, msg, payload)
+
+    def _wire(self, n: int) -> tuple[str, int]:
+        """(dtype, element count) that ``n`` values travel as."""
+        return self.dtype, n
 
     def _accept(self, sender: str, msg: Chunk, payload: Any, expect_from: str, phase: int, steps: int,
                 parts: list[tuple[int, int]]) -> np.ndarray:
-        """Validate one received slice; return it as a numpy array."""
+        """Validate one received slice; return it as a numpy array (of the wire dtype)."""
         if sender != expect_from:
             raise ProtocolError(f"chunk from {sender}, expected {expect_from}")
-        if msg.phase != phase or msg.step >= steps or msg.part >= len(parts) or msg.dtype != self.dtype:
+        if msg.phase != phase or msg.step >= steps or msg.part >= len(parts):
             raise ProtocolError(f"unexpected chunk phase={msg.phase} step={msg.step} part={msg.part}")
         key = (msg.phase, msg.step, msg.part)
         if key in self.seen:
             raise ProtocolError(f"duplicate chunk {key}")
         lo, hi = parts[msg.part]
-        if msg.count != hi - lo:
-            raise ProtocolError(f"chunk has {msg.count} elements, expected {hi - lo}")
-        arr = tensors.from_payload(payload, self.dtype, msg.count)
+        dtype, count = self._wire(hi - lo)
+        if msg.dtype != dtype or msg.count != count:
+            raise ProtocolError(f"chunk is {msg.count} x {msg.dtype}, expected {count} x {dtype}")
+        arr = tensors.from_payload(payload, dtype, msg.count)
         self.seen.add(key)
         self.remaining -= 1
         self.bytes_received += arr.nbytes
@@ -118,10 +123,13 @@ class AllReduce(RingOp):
     """
 
     def __init__(self, op: OpId, ring: list[str], me: str, src: np.ndarray, dtype: str, reduce_op: str,
-                 slice_bytes: int, out: np.ndarray | None = None) -> None:
+                 slice_bytes: int, out: np.ndarray | None = None, codec: Codec | None = None) -> None:
         super().__init__(op, ring, me, dtype, slice_bytes)
         if reduce_op not in tensors.REDUCE_OPS:
             raise ValueError(f"unknown reduce op {reduce_op}")
+        if codec is not None and (dtype != "float32" or reduce_op not in ("sum", "avg")):
+            raise LocalError("compressed all-reduce supports float32 sum/avg only")
+        self.codec = codec
         self.src, self.reduce_op = src, reduce_op
         self.result = np.empty_like(src) if out is None else out
         self.chunks = tensors.chunk_bounds(src.size, self.n)
@@ -142,8 +150,19 @@ class AllReduce(RingOp):
                 self.result[...] = self.src
             return []
         own = self.rank
-        return [self._send(self.right, PHASE_REDUCE_SCATTER, 0, k, self.src[lo:hi], hi - lo)
+        return [self._send(self.right, PHASE_REDUCE_SCATTER, 0, k, self._enc(self.src[lo:hi]), hi - lo)
                 for k, (lo, hi) in enumerate(self.parts[own])]
+
+    def _wire(self, n: int) -> tuple[str, int]:
+        if self.codec is None:
+            return self.dtype, n
+        return self.codec.wire_dtype, self.codec.wire_count(n)
+
+    def _enc(self, x: np.ndarray) -> np.ndarray:
+        return x if self.codec is None else self.codec.encode(x)
+
+    def _dec(self, payload: np.ndarray, n: int) -> np.ndarray:
+        return payload if self.codec is None else self.codec.decode(payload, n)
 
     def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
         last = self.n - 2
@@ -153,17 +172,20 @@ class AllReduce(RingOp):
                                     self.parts[c])
             lo, hi = self.parts[c][msg.part]
             tmp = np.empty(hi - lo, dtype=self.src.dtype)
-            tensors.reduce_into(tmp, self.src[lo:hi], incoming, self.reduce_op, self.dtype)
+            tensors.reduce_into(tmp, self.src[lo:hi], self._dec(incoming, hi - lo), self.reduce_op, self.dtype)
             if msg.step < last:
-                return [self._send(self.right, PHASE_REDUCE_SCATTER, msg.step + 1, msg.part, tmp, hi - lo)]
+                return [self._send(self.right, PHASE_REDUCE_SCATTER, msg.step + 1, msg.part, self._enc(tmp),
+                                   hi - lo)]
             if self.reduce_op == "avg":
                 tensors.finish_avg(tmp, self.n, self.dtype)
-            self.result[lo:hi] = tmp
-            return [self._send(self.right, PHASE_ALL_GATHER, 0, msg.part, tmp, hi - lo)]
+            wire = self._enc(tmp)
+            # the owner keeps exactly what everyone else will decode from these bytes
+            self.result[lo:hi] = tmp if self.codec is None else self._dec(wire, hi - lo)
+            return [self._send(self.right, PHASE_ALL_GATHER, 0, msg.part, wire, hi - lo)]
         c = self._ag_chunk(msg.step) if msg.step <= last else -1
         incoming = self._accept(sender, msg, payload, self.left, PHASE_ALL_GATHER, self.n - 1, self.parts[c])
         lo, hi = self.parts[c][msg.part]
-        self.result[lo:hi] = incoming
+        self.result[lo:hi] = self._dec(incoming, hi - lo)
         if msg.step < last:
             return [self._send(self.right, PHASE_ALL_GATHER, msg.step + 1, msg.part, payload, hi - lo)]
         return []

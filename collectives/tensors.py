@@ -118,7 +118,7 @@ def finish_avg(x: np.ndarray, n: int, dtype: str) -> None:
     """In place: divide a sum by ``n`` (floor division for integers)."""
     if dtype == "bfloat16":
         f32_to_bf16(bf16_to_f32(x) / np.float32(n), out=x)
-    elif dtype.startswith("int") or dtype == "uint8":
+    elif x.dtype.kind in "iu":
         np.floor_divide(x, n, out=x)
     else:
         np.divide(x, x.dtype.type(n), out=x)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from collectives import ring, wire
+from collectives import codecs, ring, wire
 from collectives.errors import (LocalError, OpAborted, OpTimeout, PeerLost, ProtocolError, RemoteError,
                                 TooFewPeers, WireError)
 from peer.handle import Handle
@@ -35,6 +35,7 @@ class OpSpec:
     group: Optional[tuple[str, ...]] = None  # None: every member of the epoch
     root: str = ""
     peer: str = ""
+    codec: Optional[str] = None  # all_reduce only: fp16 | bf16 | int8 (lossy, still bit-identical everywhere)
 
 
 @dataclass
@@ -129,7 +130,7 @@ class OpEngine:
         in_place = spec.kind == "all_reduce" and len(spec.views) == 1
         if spec.kind == "all_reduce":
             core = ring.AllReduce(opid, list(members), self.me, work, spec.dtype, spec.reduce_op,
-                                  self.slice_bytes, out=work if in_place else None)
+                                  self.slice_bytes, out=work if in_place else None, codec=codecs.get(spec.codec))
         elif spec.kind == "all_gather":
             core = ring.AllGather(opid, list(members), self.me, work, spec.dtype, self.slice_bytes)
         elif spec.kind == "broadcast":

@@ -12,11 +12,13 @@ from peer import PeerConfig, Swarm, Timeouts
 from peer.procs import LocalProcs
 
 # Short timeouts so failure tests finish quickly (defaults are sized for the internet).
-FAST = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=1.5, coordinator_timeout=1.5,
+# Heartbeat deadlines stay well above scheduling hiccups of a loaded 2-core machine.
+HB_TIMEOUT = 2.5
+FAST = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=HB_TIMEOUT, coordinator_timeout=HB_TIMEOUT,
                 reconnect_grace=0.5, reform_window=1.0, op_progress_timeout=8.0, verdict_timeout=5.0,
                 join_timeout=20.0)
-FAST_ARGS = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1.5", "--coordinator-timeout", "1.5",
-             "--reform-window", "1.0", "--op-progress-timeout", "8"]
+FAST_ARGS = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", str(HB_TIMEOUT), "--coordinator-timeout",
+             str(HB_TIMEOUT), "--reform-window", "1.0", "--op-progress-timeout", "8"]
 
 
 @pytest.fixture

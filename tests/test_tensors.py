@@ -20,7 +20,7 @@ TORCH_DTYPES = {
     torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16",
     torch.int32: "int32", torch.int64: "int64", torch.uint8: "uint8",
 }
-NUMPY_DTYPES = ["float32", "float64", "float16", "int32", "int64", "uint8"]
+NUMPY_DTYPES = ["float32", "float64", "float16", "int32", "int64", "uint8", "uint16"]
 FLOAT_BITS = {"float16": np.uint16, "float32": np.uint32, "float64": np.uint64}
 
 
@@ -185,7 +185,7 @@ def test_flat_view_numpy_rejects_non_contiguous(make: Any) -> None:
         tensors.flat_view(make())
 
 
-@pytest.mark.parametrize("dtype", ["complex64", "complex128", "bool", "uint16", "int16", "int8", "uint32",
+@pytest.mark.parametrize("dtype", ["complex64", "complex128", "bool", "int16", "int8", "uint32",
                                    "uint64", "float128" if hasattr(np, "float128") else "longdouble",
                                    "object", "U4", "S4", "datetime64[s]", "V4"])
 def test_flat_view_numpy_rejects_unsupported_dtypes(dtype: str) -> None:
@@ -231,7 +231,7 @@ def test_from_payload_rejects_byte_count_mismatch(dtype: str) -> None:
             tensors.from_payload(b"\x00" * nbytes, dtype, count)
 
 
-@pytest.mark.parametrize("dtype", ["complex64", "bool", "uint16", "int16", "object", "", "float32 ", "Float32",
+@pytest.mark.parametrize("dtype", ["complex64", "bool", "int16", "object", "", "float32 ", "Float32",
                                    "float", "torch.float32", "<f4", "f4", "bfloat16\x00"])
 def test_from_payload_rejects_unknown_dtypes(dtype: str) -> None:
     with pytest.raises(WireError):
@@ -241,7 +241,8 @@ def test_from_payload_rejects_unknown_dtypes(dtype: str) -> None:
 
 
 def test_dtype_table() -> None:
-    assert set(tensors.DTYPES) == {"float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8"}
+    assert set(tensors.DTYPES) == {"float32", "float64", "float16", "bfloat16", "int32", "int64", "uint8",
+                                   "uint16"}
     assert tensors.DTYPES["bfloat16"] == np.dtype(np.uint16)
     assert all(dt.isnative for dt in tensors.DTYPES.values())
     assert tensors.REDUCE_OPS == ("sum", "avg", "min", "max")
