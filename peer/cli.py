@@ -4,6 +4,7 @@
     swarmtrain peer --join 127.0.0.1:7000 --workload allreduce --mb 4 --ops 100
     swarmtrain demo
     swarmtrain bench allreduce --peers 4 --mb 64 --json
+    swarmtrain simulate --peers 4 --link 100mbit --churn --duration 60
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new swarm: this peer also runs the coordinator role")
     p.add_argument("--id", default=None, help="peer id (default: random)")
     _net_args(p)
+    p.add_argument("--advertise", default="",
+                   help="HOST:PORT other peers should connect to instead of the bound address "
+                        "(e.g. a proxy or a NAT in front of this peer)")
     p.add_argument("--workload", choices=["allreduce", "bench", "none"], default="allreduce",
                    help="allreduce: repeated all-reduces surviving churn; bench: wait for --expect "
                         "peers, then time --ops all-reduces; none: only keep membership")
@@ -95,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--elems", type=int, default=1 << 20, help="float32 elements per all-reduce")
     d.add_argument("--workdir", default=None, help="keep the peers' records here (default: a temp dir)")
     d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    sim = sub.add_parser("simulate", help="rehearse a swarm on emulated internet links, with faults",
+                         description="Start a coordinator and N peers, each on its own emulated host (a network "
+                                     "namespace with tbf-shaped links; loopback without root), optionally "
+                                     "behind a delaying proxy; inject faults from a seed or a schedule; record "
+                                     "a history and check the invariants on it (see peer/simulate.py).")
+    from peer.simreport import add_args as add_simulate_args
+
+    add_simulate_args(sim)
 
     b = sub.add_parser("bench", help="benchmarks", description="Benchmarks that measure a baseline in the same run.")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -151,11 +164,12 @@ def cmd_peer(a: argparse.Namespace) -> int:
     if not join and not a.bootstrap:
         print("swarmtrain peer: give --join HOST:PORT or --bootstrap", file=sys.stderr)
         return 2
-    cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join,
+    cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join, advertise=a.advertise,
                      coordinator=a.bootstrap, parity_digest=not a.no_digest, timeouts=_timeouts(a),
                      slice_bytes=a.slice_bytes)
     swarm = Swarm(cfg)
-    print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr}), flush=True)
+    print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,
+                      "bound": swarm.node.transport.addr}), flush=True)
     stop = threading.Event()
     _wait_for_signal(stop)
     record = open(a.record, "a", encoding="utf-8") if a.record else None
@@ -170,7 +184,7 @@ def cmd_peer(a: argparse.Namespace) -> int:
             summary = run_bench(swarm, a.elems, a.ops or 10, a.warmup, a.expect)
         else:
             w = AllReduceWorkload(elems=a.elems, ops=a.ops, duration=a.duration, pause=a.pause)
-            summary = run_allreduce(swarm, w, record, sys.stderr if a.progress else None)
+            summary = run_allreduce(swarm, w, record, sys.stderr if a.progress else None, stop=stop)
         print(json.dumps({"event": "done", **summary}), flush=True)
     finally:
         if record is not None:
@@ -189,6 +203,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from peer.demo import run_demo
 
         return run_demo(a)
+    if a.cmd == "simulate":
+        from peer.simreport import run_cli
+
+        return run_cli(a)
     if a.cmd == "bench":
         from peer.bench import run_bench
 

@@ -39,6 +39,7 @@ class PeerConfig:
     coordinator: bool = False           # run the coordinator role in this process (bootstrap)
     member: bool = True                 # take part in collectives (False: standalone coordinator)
     swarm: str = "default"
+    advertise: str = ""                 # address others reach us at (a proxy, a NAT); default: the bound one
     slice_bytes: int = 4 * 1024 * 1024  # tensors travel as frames of at most this size
     parity_digest: bool = True          # send a BLAKE2b digest of every result with the commit request
     max_early_bytes: int = 1 << 30      # data we hold for ops we have not started yet

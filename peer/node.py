@@ -45,7 +45,7 @@ class Node:
         self.t = cfg.timeouts
         self.id = cfg.peer_id
         self.transport = Transport(cfg.peer_id, cfg.host, cfg.port, limits=cfg.limits)
-        self.addr = self.transport.addr
+        self.addr = normalize_addr(cfg.advertise) if cfg.advertise else self.transport.addr
         self.state = "joining" if cfg.member else "coordinator"
         self.term = 0
         self.epoch = 0

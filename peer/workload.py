@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import IO, Any, Optional
 
 import numpy as np
 
-from collectives.errors import DeadlineExceeded, OpAborted, StaleError, TooFewPeers
+from collectives.errors import CoordinatorUnavailable, DeadlineExceeded, OpAborted, StaleError, TooFewPeers
 from peer.swarm import Swarm
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,17 @@ class AllReduceWorkload:
 
 
 def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] = None,
-                  progress: Optional[IO[str]] = None) -> dict[str, Any]:
+                  progress: Optional[IO[str]] = None, stop: Optional[threading.Event] = None) -> dict[str, Any]:
+    """Loop until ``w.ops``/``w.duration`` is reached or ``stop`` is set (then the caller leaves gracefully)."""
     start = time.monotonic()
     attempt = committed = aborted = 0
     seed = -1
     x: Optional[np.ndarray] = None
+    op_start, epoch0 = 0.0, 0
+    members0: list[str] = []
     while True:
+        if stop is not None and stop.is_set():
+            break
         if w.ops is not None and committed >= w.ops:
             break
         if w.duration is not None and time.monotonic() - start >= w.duration:
@@ -60,13 +66,15 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
             seed = seed_for(swarm.id, attempt)
             attempt += 1
             x = input_for(seed, w.elems)
+            op_start, epoch0, members0 = time.monotonic(), swarm.epoch, swarm.members
             metrics = swarm.comm.all_reduce(x, op=w.op, timeout=w.op_timeout)
             committed += 1
             _write(record, {"peer": swarm.id, "committed": True, "seed": seed,
                             "key": f"{metrics['epoch']}:{metrics['group']}:{metrics['seq']}",
                             "members": metrics["members"], "digest": metrics.get("digest", ""),
                             "result_sum": float(x.astype(np.float64).sum()), "t": time.time(),
-                            "duration_s": metrics["duration_s"], "bytes_sent": metrics.get("bytes_sent", 0)})
+                            "duration_s": metrics["duration_s"], "bytes_sent": metrics.get("bytes_sent", 0),
+                            "coordinator": swarm.is_coordinator})
             if progress is not None:
                 progress.write(f"[{swarm.id}] op {committed} committed epoch={metrics['epoch']} "
                                f"members={len(metrics['members'])} {metrics['duration_s'] * 1e3:.0f} ms\n")
@@ -76,20 +84,37 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
                 swarm.wait_epoch_change(swarm.epoch, 0.5)
             except DeadlineExceeded:
                 pass  # still alone: loop and check the stop conditions
+            except StaleError:
+                pass  # evicted meanwhile: the next op raises StaleError and we rejoin there
         except OpAborted as exc:
             aborted += 1
-            # I2: the aborted op must have left our buffer exactly as it was.
-            restored = x is not None and x.tobytes() == input_for(seed, w.elems).tobytes()
+            # I2: the aborted op must have left our buffer exactly as it was (None: no buffer was involved,
+            # e.g. a topology update was aborted).
+            restored = None if x is None else x.tobytes() == input_for(seed, w.elems).tobytes()
             _write(record, {"peer": swarm.id, "committed": False, "error": type(exc).__name__,
                             "reason": exc.reason or str(exc), "seed": seed, "t": time.time(),
-                            "key": _key_of(exc), "restored": restored})
+                            "key": _key_of(exc), "restored": restored, "epoch": epoch0, "members": members0,
+                            "duration_s": round(time.monotonic() - op_start, 4)})
             if progress is not None:
                 progress.write(f"[{swarm.id}] op aborted ({exc.reason or exc}); retrying\n")
                 progress.flush()
+        except DeadlineExceeded as exc:
+            # The op (or topology update) overran even its abort grace: typed, recorded, and we go on with a
+            # fresh buffer (the old one is never read again).
+            aborted += 1
+            _write(record, {"peer": swarm.id, "committed": False, "error": type(exc).__name__, "reason": str(exc),
+                            "seed": seed, "t": time.time(), "key": "", "restored": None, "epoch": epoch0,
+                            "members": members0, "duration_s": round(time.monotonic() - op_start, 4)})
         except StaleError as exc:
             log.warning("%s: %s; rejoining", swarm.id, exc)
             _write(record, {"peer": swarm.id, "event": "stale", "t": time.time(), "reason": str(exc)})
-            swarm.rejoin(timeout=w.op_timeout)
+            try:
+                swarm.rejoin(timeout=w.op_timeout)
+            except (StaleError, DeadlineExceeded, CoordinatorUnavailable) as again:
+                # Not admitted (e.g. no coordinator reachable yet): record it and try again next turn.
+                _write(record, {"peer": swarm.id, "event": "rejoin_failed", "error": type(again).__name__,
+                                "reason": str(again), "t": time.time()})
+                time.sleep(0.5)
         if w.pause:
             time.sleep(w.pause)
     return {"peer": swarm.id, "committed": committed, "aborted": aborted, **swarm.stats}
