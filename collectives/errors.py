@@ -24,6 +24,11 @@ class WireError(RemoteError):
     """A message failed to decode or validate (malformed, truncated, oversized, wrong type)."""
 
 
+class AuthError(RemoteError):
+    """The connection may not send this: unknown or banned key, bad join token, or a claimed peer id that
+    belongs to another key (impersonation). The claimed sender id is not trusted."""
+
+
 class ProtocolError(RemoteError):
     """A well-formed message that breaks the protocol (unexpected op, wrong sizes, impersonation)."""
 

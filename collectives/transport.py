@@ -1,34 +1,49 @@
 """The one module that touches sockets: a pyzmq endpoint per peer.
 
-Each peer binds one ROUTER (its address) and opens one DEALER per peer it sends to, with its own id as the
-zmq identity, so the receiving ROUTER knows who sent each message. Every outbound link has a socket monitor:
+Each peer binds one ROUTER (its address) and opens one DEALER per peer it sends to. A DEALER's zmq routing id
+is ``<peer id>/<random>``: the receiving ROUTER learns who claims to send each message, and two sockets never
+collide on one routing id (the ROUTER only receives; replies travel on the receiver's own DEALER). Every
+outbound link has a socket monitor:
 a connection that drops and is then refused means the remote process is gone, which we report at once
 (no waiting for a TCP keepalive). Messages to ourselves are delivered through a local queue.
 
-Bounds (I4): zmq drops a connection whose frame exceeds ``max_frame_bytes``; ``rcv_hwm`` bounds the
-messages queued per sender (back-pressure beyond it); every header is decoded by ``collectives.wire`` with its
-own limits; a message with the wrong number of frames or an invalid sender id is reported as ``Bad``.
+Security (``collectives.security``): the policy configures every socket. With ``Curve`` the ROUTER is a CURVE
+server, every DEALER a CURVE client, and this module serves ZAP (the handshake hook) from its own poll loop:
+the policy decides each handshake by the client key, ``check_sender`` judges every message's claimed id
+against the connection's authenticated key, and the ``Hello`` the policy asks for goes first on every link.
+A message refused for authentication is reported as ``Bad`` with an empty (untrusted) sender.
+
+Bounds (I4): zmq drops a connection whose frame exceeds ``max_frame_bytes``, and one that has not finished
+its handshake within ``handshake_ms``; ``rcv_hwm`` bounds the messages queued per sender (back-pressure
+beyond it); every header is decoded by ``collectives.wire`` with its own limits; a message with the wrong
+number of frames or an invalid sender id is reported as ``Bad``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import secrets
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from collectives import wire
-from collectives.errors import WireError
-from collectives.security import Insecure, Security
+from collectives.errors import AuthError, RemoteError, WireError
+from collectives.security import DROP, OK, UNPROVEN, Insecure, Security, require_libzmq
 
 log = logging.getLogger(__name__)
 
 _MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
                    | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused by the peer",
+                       zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error",
+                       zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail"}
+_MAX_HELLO_BYTES = 256  # a key on probation may send nothing bigger (a Hello is ~40 bytes)
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,7 @@ class Limits:
     rcv_hwm: int = 256
     max_batch: int = 64  # messages handled per poll before timers get a turn
     io_threads: int = 1  # zmq I/O threads (one saturates loopback here; more help only with many streams)
+    handshake_ms: int = 10000  # a connection that has not finished its (security) handshake by then is cut
 
 
 @dataclass
@@ -50,7 +66,7 @@ class Received:
 class Bad:
     """A sender (possibly unidentifiable: ``sender == ""``) sent something we refuse."""
     sender: str
-    error: WireError
+    error: RemoteError
 
 
 @dataclass
@@ -68,6 +84,8 @@ class _Link:
     sock: zmq.Socket
     monitor: zmq.Socket
     up: bool = False
+    handshakes: int = 0
+    failures: int = 0
 
 
 @dataclass
@@ -85,12 +103,20 @@ class Transport:
         self.my_id = wire.check_peer_id(my_id)
         self.limits = limits or Limits()
         self.security = security or Insecure()
+        require_libzmq(curve=self.security.handshakes)
         self.ctx = zmq.Context(io_threads=self.limits.io_threads)
+        self.zap: Optional[zmq.Socket] = None
+        if self.security.handshakes:
+            # The ZAP handler must exist before any handshake: without it CURVE accepts every client key.
+            self.zap = self.ctx.socket(zmq.REP)
+            self.zap.setsockopt(zmq.LINGER, 0)
+            self.zap.bind("inproc://zeromq.zap.01")
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
         self.router.setsockopt(zmq.RCVHWM, self.limits.rcv_hwm)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.setsockopt(zmq.HANDSHAKE_IVL, self.limits.handshake_ms)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 0)  # routing ids are unique per socket (see connect)
         self.security.configure_server(self.router)
         bracket = f"[{host}]" if ":" in host else host
         if ":" in host:
@@ -100,6 +126,8 @@ class Transport:
         self.addr = wire.check_addr(endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        if self.zap is not None:
+            self.poller.register(self.zap, zmq.POLLIN)
         self.links: dict[str, _Link] = {}
         self._by_monitor: dict[zmq.Socket, str] = {}
         self._local: collections.deque[Received] = collections.deque()
@@ -118,7 +146,8 @@ class Transport:
             self.disconnect(peer)
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, self.my_id.encode())
+        sock.setsockopt(zmq.IDENTITY, f"{self.my_id}/{secrets.token_hex(4)}".encode())
+        sock.setsockopt(zmq.HANDSHAKE_IVL, self.limits.handshake_ms)
         sock.setsockopt(zmq.SNDHWM, 0)  # what we queue is bounded by our own ops
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -137,6 +166,9 @@ class Transport:
         self.links[peer] = _Link(addr, sock, monitor)
         self._by_monitor[monitor] = peer
         self.poller.register(monitor, zmq.POLLIN)
+        hello = self.security.hello()
+        if hello is not None:
+            sock.send(wire.encode(hello))  # queued first: it proves our key before anything else arrives
 
     def disconnect(self, peer: str) -> None:
         link = self.links.pop(peer, None)
@@ -184,6 +216,8 @@ class Transport:
         for sock in list(ready):
             if sock is self.router:
                 events.extend(self._drain_router())
+            elif sock is self.zap:
+                self._serve_zap()
             elif isinstance(sock, zmq.Socket) and sock in self._by_monitor:
                 events.extend(self._drain_monitor(sock))
         return events, (extra is not None and extra in ready)
@@ -194,23 +228,58 @@ class Transport:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            yield self._parse(frames)
+            event = self._parse(frames)
+            if event is not None:
+                yield event
 
-    def _parse(self, frames: list[zmq.Frame]) -> Event:
+    def _serve_zap(self) -> None:
+        """Answer handshake questions from libzmq (ZAP, RFC 27) with the security policy's decision."""
+        assert self.zap is not None
+        for _ in range(self.limits.max_batch):
+            try:
+                req = self.zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # [version, request id, domain, address, routing id, mechanism, credentials...]
+            if len(req) >= 6 and req[0] == b"1.0":
+                ok, reason, user = self.security.zap(req[3].decode("ascii", "replace"), req[5], req[6:],
+                                                     time.monotonic())
+            else:
+                ok, reason, user = False, "malformed ZAP request", ""
+            rid = req[1] if len(req) > 1 else b""
+            self.zap.send_multipart([b"1.0", rid, b"200" if ok else b"400", reason.encode()[:200],
+                                     user.encode(), b""])
+
+    def _parse(self, frames: list[zmq.Frame]) -> Optional[Event]:
+        """One received message -> an event, or None when it is consumed (Hello) or silently dropped."""
         ident = frames[0].bytes
         try:
-            sender = wire.check_peer_id(ident.decode("ascii"))
+            sender = wire.check_peer_id(ident.split(b"/", 1)[0].decode("ascii"))
         except (UnicodeDecodeError, WireError):
             return Bad("", WireError(f"invalid sender identity {ident[:40]!r}"))
+        sec = self.security
         try:
-            self.security.check_sender(frames[1], sender)
-            if len(frames) not in (2, 3):
-                raise WireError(f"message with {len(frames) - 1} frames")
+            status = sec.check_sender(frames[1], sender)
+        except AuthError as exc:
+            return Bad("", exc)
+        if status == DROP:
+            return None
+        try:
+            if len(frames) not in (2, 3) or (status == UNPROVEN and len(frames[1]) > _MAX_HELLO_BYTES):
+                raise WireError(f"message with {len(frames) - 1} frames" if len(frames) not in (2, 3)
+                                else "oversized message before proof")
             msg = wire.decode(frames[1].buffer)
+            if isinstance(msg, wire.Hello):
+                sec.on_hello(frames[1], sender, msg)
+                return None
+            if status != OK:
+                return Bad("", sec.on_unproven(frames[1]))
             if msg.HAS_PAYLOAD != (len(frames) == 3):
                 raise WireError(f"{type(msg).__name__}: wrong payload frame count")
+        except AuthError as exc:
+            return Bad("", exc)
         except WireError as exc:
-            return Bad(sender, exc)
+            return Bad(sender, exc) if status == OK else Bad("", sec.on_unproven(frames[1]))
         payload = frames[2] if len(frames) == 3 else None
         size = sum(len(f) for f in frames[1:])
         self.counters.bytes_received += size
@@ -226,6 +295,11 @@ class Transport:
             except zmq.Again:
                 return
             kind = ev["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                link.handshakes += 1
+                hello = self.security.hello()
+                if link.handshakes > 1 and hello is not None:
+                    link.sock.send(wire.encode(hello))  # reconnected: the far end may be a new process
             if kind in (zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
                 if not link.up and (kind == zmq.EVENT_HANDSHAKE_SUCCEEDED or not self.security.handshakes):
                     link.up = True
@@ -236,6 +310,10 @@ class Transport:
             elif kind == zmq.EVENT_CONNECT_RETRIED:
                 yield LinkEvent(peer, "refused")
             else:
+                link.failures += 1
+                log.log(logging.WARNING if link.failures == 1 else logging.DEBUG,
+                        "%s: security handshake with %s (%s) failed (%s): wrong swarm secret, refused key, "
+                        "or not a swarmtrain peer?", self.my_id, peer, link.addr, _HANDSHAKE_FAILURES.get(kind, kind))
                 yield LinkEvent(peer, "auth_failed")
 
     def close(self) -> None:
@@ -245,4 +323,6 @@ class Transport:
         for peer in list(self.links):
             self.disconnect(peer)
         self.router.close(linger=0)
+        if self.zap is not None:
+            self.zap.close(linger=0)
         self.ctx.term()

@@ -416,6 +416,22 @@ class P2PAck(Message):
         _check_op(self.group, self.seq, ())
 
 
+# ---------------------------------------------------------------- link security (transport <-> transport)
+
+@register
+@dataclass(frozen=True)
+class Hello(Message):
+    """First message on every new link in secure mode: ``token`` = HMAC(swarm secret, sender's CURVE public
+    key), proving that the key's holder knows the swarm secret (see ``collectives.security``). Consumed by
+    the transport; the node never sees it."""
+    TAG = 30
+    token: bytes
+
+    def validate(self) -> None:
+        if len(self.token) != 32:
+            raise WireError("Hello: token must have 32 bytes")
+
+
 def _check_op(group: str, seq: int, members: tuple[str, ...]) -> None:
     check_group(group)
     if seq < 0:

@@ -3,6 +3,8 @@
 Bus bandwidth = 2(N-1)/N x bytes / seconds per op (the bytes each peer must move in a ring), in GB/s
 (1e9 bytes/s). The time per op is the slowest peer's mean over the timed iterations, and includes
 swarmtrain's commit round trip to the coordinator and (unless --no-digest) the BLAKE2b parity digest.
+swarmtrain runs secure (CURVE-encrypted, authenticated links) unless ``--insecure``; run both to see what
+security costs on this machine.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from peer.procs import LocalProcs
 
 
 def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_bytes: int,
-                         digest: bool, timeout: float = 600.0, codec: str = "none") -> dict[str, Any]:
+                         digest: bool, timeout: float = 600.0, codec: str = "none",
+                         insecure: bool = False) -> dict[str, Any]:
     elems = nbytes // 4
-    with tempfile.TemporaryDirectory(prefix="swarmtrain-bench-") as tmp, LocalProcs(Path(tmp)) as lp:
+    with tempfile.TemporaryDirectory(prefix="swarmtrain-bench-") as tmp, \
+            LocalProcs(Path(tmp), insecure=insecure) as lp:
         coord = lp.coordinator()
         extra = ["--workload", "bench", "--elems", str(elems), "--ops", str(iters), "--warmup", str(warmup),
                  "--expect", str(n), "--slice-bytes", str(slice_bytes)]
@@ -43,13 +47,13 @@ def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_byt
 def run_bench(a: argparse.Namespace) -> int:
     nbytes = int(a.mb * (1 << 20)) // 4 * 4
     ours = swarmtrain_allreduce(a.peers, nbytes, a.iters, a.warmup, int(a.slice_mb * (1 << 20)),
-                                not a.no_digest, codec=a.codec)
+                                not a.no_digest, codec=a.codec, insecure=getattr(a, "insecure", False))
     # with a codec, bus bandwidth counts uncompressed bytes reduced per second (effective bandwidth)
     out: dict[str, Any] = {"peers": a.peers, "mb": a.mb, "iters": a.iters, "codec": a.codec,
                            "swarmtrain_busbw_gbps": round(ours["busbw_gbps"], 4),
                            "swarmtrain_seconds_per_op": round(ours["seconds_per_op"], 5),
                            "rel_error_vs_exact": ours["rel_error"],
-                           "parity_digest": not a.no_digest}
+                           "parity_digest": not a.no_digest, "secure": not getattr(a, "insecure", False)}
     if not a.skip_gloo:
         gloo = run_gloo_allreduce(a.peers, nbytes, iters=a.iters, warmup=a.warmup)
         out["gloo_busbw_gbps"] = round(gloo["busbw_gbps"], 4)
@@ -58,7 +62,8 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(out))
     else:
-        print(f"all-reduce {a.mb:g} MiB float32, {a.peers} peers, {a.iters} iterations")
+        print(f"all-reduce {a.mb:g} MiB float32, {a.peers} peers, {a.iters} iterations, "
+              f"{'secure (CURVE)' if out['secure'] else 'INSECURE (plain TCP)'}")
         label = "effective bus bandwidth" if a.codec != "none" else "bus bandwidth"
         print(f"  swarmtrain  {label} {out['swarmtrain_busbw_gbps']:.3f} GB/s "
               f"({out['swarmtrain_seconds_per_op'] * 1e3:.1f} ms/op, codec {a.codec}, "

@@ -4,6 +4,7 @@
     swarmtrain peer --join 127.0.0.1:7000 --workload allreduce --mb 4 --ops 100
     swarmtrain demo
     swarmtrain bench allreduce --peers 4 --mb 64 --json
+    swarmtrain keygen --secret swarm.secret
     swarmtrain simulate --peers 4 --link 100mbit --churn --duration 60
 """
 
@@ -12,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from typing import Any, Optional, Sequence
 
-from peer.config import PeerConfig, Timeouts
+from collectives import keys
+from collectives.errors import LocalError
+from peer.config import DEFAULT_KEY_FILE, INSECURE_WARNING, KEY_ENV, PeerConfig, SecurityConfig, Timeouts
 from peer.swarm import Swarm, new_peer_id
 
 log = logging.getLogger("swarmtrain")
@@ -49,6 +53,26 @@ def _net_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     p.add_argument("--swarm", default="default", help="swarm name (peers of another swarm are refused)")
     p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ...)")
+    g = p.add_argument_group("security (on by default: every connection is encrypted and authenticated)")
+    g.add_argument("--secret", default="", metavar="FILE",
+                   help="the swarm secret (create with `swarmtrain keygen --secret FILE`, copy to every "
+                        "machine); default: $SWARMTRAIN_SECRET. Required unless --insecure")
+    g.add_argument("--key", default="", metavar="FILE",
+                   help=f"this peer's key pair, created (mode 0600) on first run; default: ${KEY_ENV} or "
+                        f"{DEFAULT_KEY_FILE}")
+    g.add_argument("--allow", default="", metavar="FILE",
+                   help="optional allowlist: only these public keys may connect (lines '<hex key> [peer id]'; "
+                        "an id pins that id to that key)")
+    g.add_argument("--insecure", action="store_true",
+                   help="NO encryption, NO authentication: anyone who can reach the port can join and read or "
+                        "alter traffic. For benchmarks on a trusted network only")
+
+
+def _security(a: argparse.Namespace) -> SecurityConfig:
+    if a.insecure:
+        bar = "!" * 78
+        print(f"{bar}\n!! swarmtrain --insecure: {INSECURE_WARNING}\n{bar}", file=sys.stderr, flush=True)
+    return SecurityConfig(secret_file=a.secret, key_file=a.key, allow_file=a.allow, insecure=a.insecure)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_args(sim)
 
+    k = sub.add_parser("keygen", help="create a swarm secret and/or this peer's key pair",
+                       description="Create key material (files get mode 0600 and are never overwritten). "
+                                   "--secret FILE makes a new swarm secret: whoever holds it can join, so copy "
+                                   "it to the swarm's machines over a channel you trust (scp). --key FILE (or "
+                                   "no flag) creates this peer's key pair if missing and prints its public "
+                                   "key, the line to put in an allowlist.")
+    k.add_argument("--secret", default="", metavar="FILE", help="create a new swarm secret in FILE")
+    k.add_argument("--key", default="", metavar="FILE",
+                   help=f"create (if missing) and show this peer's key pair; default ${KEY_ENV} or {DEFAULT_KEY_FILE}")
+
     b = sub.add_parser("bench", help="benchmarks", description="Benchmarks that measure a baseline in the same run.")
     bsub = b.add_subparsers(dest="bench", required=True)
     ba = bsub.add_parser("allreduce", help="swarmtrain ring all-reduce vs torch.distributed Gloo",
@@ -121,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--slice-mb", type=float, default=4, help="frame size in MiB for swarmtrain (default 4)")
     ba.add_argument("--no-digest", action="store_true", help="skip swarmtrain's per-op parity digest")
     ba.add_argument("--skip-gloo", action="store_true", help="do not run the Gloo baseline")
+    ba.add_argument("--insecure", action="store_true",
+                    help="run swarmtrain without encryption/authentication (to measure security's cost)")
     ba.add_argument("--json", action="store_true", help="print one JSON object")
+    bj = bsub.add_parser("join", help="time joins with and without authentication",
+                         description="In one process, over loopback: a coordinator and one member, then time "
+                                     "--trials fresh peers joining (start to admitted), secure (CURVE + ZAP + "
+                                     "Hello) and insecure, and print both medians and the ratio.")
+    bj.add_argument("--trials", type=int, default=20, help="joins per mode (default 20)")
+    bj.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
 
 
@@ -144,7 +186,7 @@ def _wait_for_signal(stop: threading.Event) -> None:
 def cmd_coordinator(a: argparse.Namespace) -> int:
     _setup_logging(a.log_level, a.id)
     swarm = Swarm(PeerConfig(peer_id=a.id, host=a.host, port=a.port, swarm=a.swarm, coordinator=True,
-                             member=False, timeouts=_timeouts(a)))
+                             member=False, timeouts=_timeouts(a), security=_security(a)))
     print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr}), flush=True)
     stop = threading.Event()
     _wait_for_signal(stop)
@@ -166,7 +208,7 @@ def cmd_peer(a: argparse.Namespace) -> int:
         return 2
     cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join, advertise=a.advertise,
                      coordinator=a.bootstrap, parity_digest=not a.no_digest, timeouts=_timeouts(a),
-                     slice_bytes=a.slice_bytes)
+                     slice_bytes=a.slice_bytes, security=_security(a))
     swarm = Swarm(cfg)
     print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,
                       "bound": swarm.node.transport.addr}), flush=True)
@@ -193,8 +235,32 @@ def cmd_peer(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(a: argparse.Namespace) -> int:
+    if a.secret:
+        keys.save_secret(a.secret, keys.new_secret())
+        print(f"swarm secret written to {a.secret} (mode 0600). Whoever holds it can join the swarm: copy it "
+              f"to each machine over a channel you trust (e.g. scp) and pass --secret {a.secret}.")
+        if not a.key:
+            return 0
+    path = a.key or os.environ.get(KEY_ENV, "") or DEFAULT_KEY_FILE
+    existed = os.path.exists(os.path.expanduser(path))
+    kp = keys.load_or_create_keypair(path)
+    print(f"peer key {'(existing) ' if existed else ''}{path}\npublic key (for an allowlist): {kp.public.hex()}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
+    try:
+        return _dispatch(a)
+    except LocalError as exc:  # our own misuse (missing secret, unreadable key file): say it, no traceback
+        print(f"swarmtrain {a.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+    if a.cmd == "keygen":
+        return cmd_keygen(a)
     if a.cmd == "coordinator":
         return cmd_coordinator(a)
     if a.cmd == "peer":
@@ -207,6 +273,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from peer.simreport import run_cli
 
         return run_cli(a)
+    if a.cmd == "bench" and a.bench == "join":
+        from peer.bench_join import run_join_bench
+
+        return run_join_bench(a)
     if a.cmd == "bench":
         from peer.bench import run_bench
 

@@ -2,10 +2,49 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
+from collectives import keys
 from collectives.errors import LocalError
+from collectives.security import AuthLimits, Curve, Insecure, Security
 from collectives.transport import Limits
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY_FILE = "~/.swarmtrain/peer.key"
+SECRET_ENV, KEY_ENV = "SWARMTRAIN_SECRET", "SWARMTRAIN_KEY"
+INSECURE_WARNING = ("INSECURE MODE: connections are neither encrypted nor authenticated. Anyone who can reach "
+                    "this peer's port can join the swarm, read and alter what it sends, and pose as any peer. "
+                    "Use only for benchmarks on a network you trust.")
+NO_SECRET_HELP = ("no swarm secret: create one with `swarmtrain keygen --secret swarm.secret`, copy it to every "
+                  "machine, and pass --secret swarm.secret (or set SWARMTRAIN_SECRET); --insecure turns "
+                  "security off (trusted networks only)")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may join and how this peer proves who it is (``collectives.security`` explains the design).
+    Secure by default: a swarm secret is required unless ``insecure`` is set."""
+    secret_file: str = ""    # the swarm secret; "" -> $SWARMTRAIN_SECRET
+    key_file: str = ""       # this peer's key pair, created on first use; "" -> $SWARMTRAIN_KEY or ~/.swarmtrain/peer.key
+    allow_file: str = ""     # optional allowlist: only these public keys may connect ("<hex key> [peer id]" lines)
+    insecure: bool = False   # plain TCP: no encryption, no authentication (trusted networks only)
+    limits: AuthLimits = field(default_factory=AuthLimits)
+
+    def build(self, peer_id: str) -> Security:
+        """A fresh policy for one transport (loads the files; creates the key file on first use)."""
+        if self.insecure:
+            log.warning("%s: %s", peer_id, INSECURE_WARNING)
+            return Insecure()
+        secret_file = self.secret_file or os.environ.get(SECRET_ENV, "")
+        if not secret_file:
+            raise LocalError(NO_SECRET_HELP)
+        secret = keys.load_secret(secret_file)
+        me = keys.load_or_create_keypair(self.key_file or os.environ.get(KEY_ENV, "") or DEFAULT_KEY_FILE)
+        allow, pins = keys.load_allowlist(self.allow_file) if self.allow_file else (None, {})
+        return Curve(me, secret, allow=allow, pins=pins, limits=self.limits, owner=peer_id)
 
 
 @dataclass(frozen=True)
@@ -45,6 +84,7 @@ class PeerConfig:
     max_early_bytes: int = 1 << 30      # data we hold for ops we have not started yet
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not 4096 <= self.slice_bytes <= 16 * 1024 * 1024:
@@ -55,6 +95,8 @@ class PeerConfig:
             raise LocalError("a node must be a member, a coordinator, or both")
         if not self.coordinator and not self.join:
             raise LocalError("a peer needs --join addresses unless it runs the coordinator")
+        if self.limits.handshake_ms / 1000 >= self.timeouts.join_timeout:
+            raise LocalError("the handshake limit must be shorter than the join timeout")
 
 
 def normalize_addr(addr: str) -> str:

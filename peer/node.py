@@ -44,7 +44,8 @@ class Node:
         self.cfg = cfg
         self.t = cfg.timeouts
         self.id = cfg.peer_id
-        self.transport = Transport(cfg.peer_id, cfg.host, cfg.port, limits=cfg.limits)
+        self.transport = Transport(cfg.peer_id, cfg.host, cfg.port, limits=cfg.limits,
+                                   security=cfg.security.build(cfg.peer_id))
         self.addr = normalize_addr(cfg.advertise) if cfg.advertise else self.transport.addr
         self.state = "joining" if cfg.member else "coordinator"
         self.term = 0

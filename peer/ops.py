@@ -36,6 +36,7 @@ class OpSpec:
     root: str = ""
     peer: str = ""
     codec: Optional[str] = None  # all_reduce only: fp16 | bf16 | int8 (lossy, still bit-identical everywhere)
+    epoch: Optional[int] = None  # run only in this epoch (a multi-op protocol must not straddle epochs)
 
 
 @dataclass
@@ -103,6 +104,9 @@ class OpEngine:
             handle.fail(exc)
 
     def _issue(self, spec: OpSpec, handle: Handle, now: float) -> None:
+        if spec.epoch is not None and spec.epoch != self.epoch:
+            raise PeerLost(f"{spec.kind} pinned to epoch {spec.epoch}, but the swarm is in epoch {self.epoch}",
+                           epoch=spec.epoch, reason="membership changed")
         if spec.kind in ("send", "recv"):
             if spec.peer not in self.members or spec.peer == self.me:
                 raise LocalError(f"{spec.peer!r} is not another member of epoch {self.epoch}")

@@ -2,6 +2,10 @@
 
 Every process started here is killed and reaped by ``close()`` (also on exceptions, via the context
 manager), so nothing outlives its owner.
+
+Secure by default: the first use creates a swarm secret in the work dir (``swarm.secret``, mode 0600), and
+every process gets ``--secret`` and its own key file (``<name>.key``, created on first run and kept, so a
+restarted process keeps its identity). ``insecure=True`` passes ``--insecure`` instead (benchmarks).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Optional
 
+from collectives import keys
 from collectives.errors import DeadlineExceeded
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +46,24 @@ class Proc:
 
 
 class LocalProcs:
-    def __init__(self, workdir: Path, python: str = sys.executable) -> None:
+    def __init__(self, workdir: Path, python: str = sys.executable, insecure: bool = False) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.procs: dict[str, Proc] = {}
+        self.insecure = insecure
+        self.secret_file = self.workdir / "swarm.secret"
+        if not insecure and not self.secret_file.exists():
+            keys.save_secret(self.secret_file, keys.new_secret())
+
+    def security_args(self, name: str) -> list[str]:
+        """The security flags every process started here gets (``extra`` args given later override them)."""
+        if self.insecure:
+            return ["--insecure"]
+        return ["--secret", str(self.secret_file), "--key", str(self.key_file(name))]
+
+    def key_file(self, name: str) -> Path:
+        return self.workdir / f"{name}.key"
 
     def __enter__(self) -> "LocalProcs":
         return self
@@ -96,11 +114,12 @@ class LocalProcs:
 
     def coordinator(self, name: str = "coordinator", extra: Optional[list[str]] = None,
                     ready_timeout: float = 30.0) -> Proc:
-        return self._spawn(name, ["coordinator", "--id", name, *(extra or [])], ready_timeout)
+        return self._spawn(name, ["coordinator", "--id", name, *self.security_args(name), *(extra or [])],
+                           ready_timeout)
 
     def peer(self, name: str, join: list[str], extra: Optional[list[str]] = None, record: bool = True,
              ready_timeout: float = 30.0) -> Proc:
-        args = ["peer", "--id", name]
+        args = ["peer", "--id", name, *self.security_args(name)]
         if join:
             args += ["--join", ",".join(join)]
         rec = self.workdir / f"{name}.jsonl" if record else None

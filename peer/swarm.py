@@ -31,18 +31,25 @@ DEFAULT_TIMEOUT = 300.0
 class Communicator:
     """Collectives over all members of the current epoch, or over a fixed sub-group."""
 
-    def __init__(self, node: Node, group: Optional[tuple[str, ...]] = None) -> None:
+    def __init__(self, node: Node, group: Optional[tuple[str, ...]] = None, epoch: Optional[int] = None) -> None:
         self._node = node
         self._group = group
+        self._epoch = epoch
 
     def group(self, members: Sequence[str]) -> "Communicator":
         """A communicator over a subset of members (ring in epoch order). Every listed member must call
         the same ops on it in the same order."""
-        return Communicator(self._node, tuple(members))
+        return Communicator(self._node, tuple(members), self._epoch)
+
+    def pinned(self, epoch: int) -> "Communicator":
+        """A communicator whose ops fail with ``PeerLost`` unless the swarm is still in ``epoch``: a protocol
+        made of several ops then either runs entirely in one epoch or is restarted by every member."""
+        return Communicator(self._node, self._group, epoch)
 
     # ------------------------------------------------------------------ async core
     def _submit(self, spec: OpSpec) -> Handle:
         node = self._node
+        spec.epoch = self._epoch
         handle = Handle(spec.kind, on_timeout=self._abort, grace=node.t.verdict_timeout)
         node.call(node.submit_op, spec, handle)
         return handle
@@ -118,11 +125,12 @@ class Communicator:
         """Returns one array (or tensor, if given a tensor) per member, in ring order."""
         return self.all_gather_members(tensor, timeout)[0]
 
-    def all_gather_members(self, tensor: Any, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[Any], list[str]]:
-        """Like ``all_gather``, also returning the ids of the members (ring order) the blocks came from."""
+    def all_gather_members(self, tensor: Any, timeout: float = DEFAULT_TIMEOUT
+                           ) -> tuple[list[Any], list[str], int]:
+        """Like ``all_gather``, also returning the members (ring order) the blocks came from and the epoch."""
         h = self.all_gather_async(tensor)
         flat, members = h.wait(timeout)
-        return self._blocks(tensor, flat, members), list(members)
+        return self._blocks(tensor, flat, members), list(members), int(h.metrics["epoch"])
 
     @staticmethod
     def _blocks(tensor: Any, flat: np.ndarray, members: Sequence[str]) -> list[Any]:

@@ -17,8 +17,10 @@
 When everyone agrees, only headers and hashes move. If a source dies mid-transfer the op aborts with
 ``PeerLost``; retry the whole sync (``with_retry``) and it runs again on the survivors.
 
-``comm`` is any communicator with ``me``, ``all_gather_members``, ``group``, ``send_async`` and
-``recv_async`` (``peer.swarm.Communicator``); this module does not import ``peer``.
+``comm`` is any communicator with ``me``, ``all_gather_members``, ``group``, ``pinned``, ``send_async`` and
+``recv_async`` (``peer.swarm.Communicator``); this module does not import ``peer``. All ops after the
+first are pinned to the first one's epoch, so a membership change restarts the sync on every member
+instead of leaving members at different steps of it.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ class NoSource(SwarmError):
 class Comm(Protocol):
     @property
     def me(self) -> str: ...
-    def all_gather_members(self, tensor: Any, timeout: float = ...) -> tuple[list[Any], list[str]]: ...
+    def all_gather_members(self, tensor: Any, timeout: float = ...) -> tuple[list[Any], list[str], int]: ...
     def group(self, members: Sequence[str]) -> "Comm": ...
+    def pinned(self, epoch: int) -> "Comm": ...
     def send_async(self, tensor: Any, to: str) -> Any: ...
     def recv_async(self, tensor: Any, src: str) -> Any: ...
 
@@ -125,7 +128,8 @@ def sync(comm: Comm, state: SharedState, strategy: str = "enforce_popular", time
     header = np.zeros(_HEADER_WORDS, np.int64)
     header[:4] = (state.revision, state.last_synced, STRATEGIES[strategy], len(state.tensors))
     header[4:] = np.frombuffer(names_digest, np.int64)
-    blocks, members = comm.all_gather_members(header, timeout)
+    blocks, members, epoch = comm.all_gather_members(header, timeout)
+    comm = comm.pinned(epoch)  # every later op of this sync runs in the same epoch, or the sync restarts
     digests = [b[4:].tobytes() for b in blocks]
     winner, _ = Counter(digests).most_common(1)[0]
     # ties: the digest that appears first in ring order among the most common ones
@@ -138,7 +142,7 @@ def sync(comm: Comm, state: SharedState, strategy: str = "enforce_popular", time
     group = comm if len(agreeing) == len(members) else comm.group(agreeing)
     n = len(state.tensors)
     mine = np.frombuffer(b"".join(state.hashes()), np.uint8).copy()
-    hash_blocks, ring = group.all_gather_members(mine, timeout)
+    hash_blocks, ring, _ = group.all_gather_members(mine, timeout)
     hashes = {m: [bytes(h[i * HASH_BYTES:(i + 1) * HASH_BYTES]) for i in range(n)] for m, h in
               zip(ring, hash_blocks)}
     revision, canonical = _canonical(ring, info, hashes)
@@ -154,7 +158,7 @@ def sync(comm: Comm, state: SharedState, strategy: str = "enforce_popular", time
         report = np.zeros(n, np.uint8)
         for i in ok.get("bad", []):
             report[i] = 1
-        reports, _ = group.all_gather_members(report, timeout)
+        reports, _, _ = group.all_gather_members(report, timeout)
         next_needy: dict[str, list[int]] = {}
         for m, rep in zip(ring, reports):
             bad = [i for i in needy.get(m, []) if rep[i]]

@@ -1,14 +1,22 @@
-"""Shared fixtures: fast timeouts, in-process swarms and local peer processes that are always cleaned up."""
+"""Shared fixtures: fast timeouts, in-process swarms and local peer processes that are always cleaned up.
+
+Everything runs secure (CURVE, as in production): the session has one swarm secret, exported as
+$SWARMTRAIN_SECRET (with a default key file in $SWARMTRAIN_KEY) so that any PeerConfig a test builds is
+secure; ``InProcess`` gives each peer id its own key file; ``LocalProcs`` makes its own secret and keys.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
+from collectives import keys
 from peer import PeerConfig, Swarm, Timeouts
+from peer.config import KEY_ENV, SECRET_ENV, SecurityConfig
 from peer.procs import LocalProcs
 
 # Short timeouts so failure tests finish quickly (defaults are sized for the internet).
@@ -19,6 +27,18 @@ FAST = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=HB_TIMEOUT, coordinato
                 join_timeout=20.0)
 FAST_ARGS = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", str(HB_TIMEOUT), "--coordinator-timeout",
              str(HB_TIMEOUT), "--reform-window", "1.0", "--op-progress-timeout", "8"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def swarm_secret(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's swarm secret (exported, so that every peer a test builds is secure by default)."""
+    d = tmp_path_factory.mktemp("swarm-keys")
+    secret = d / "swarm.secret"
+    keys.save_secret(secret, keys.new_secret())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SECRET_ENV, str(secret))
+        mp.setenv(KEY_ENV, str(d / "default.key"))
+        yield secret
 
 
 @pytest.fixture
@@ -33,16 +53,24 @@ def procs(tmp_path: Path) -> Iterator[LocalProcs]:
 class InProcess:
     """Several peers in this process (each with its own I/O thread and real loopback sockets)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keydir: Optional[Path] = None) -> None:
         self.swarms: list[Swarm] = []
+        self.keydir = keydir or Path(tempfile.mkdtemp(prefix="swarmtrain-keys-"))
+
+    def security(self, peer_id: str) -> SecurityConfig:
+        """Secure, with the session secret and a key file of this peer id's own (kept across restarts)."""
+        return SecurityConfig(key_file=str(self.keydir / f"{peer_id}.key"))
 
     def coordinator(self, **kw: Any) -> Swarm:
-        s = Swarm(PeerConfig(peer_id=kw.pop("peer_id", "coord"), coordinator=True, member=False,
+        peer_id = kw.pop("peer_id", "coord")
+        kw.setdefault("security", self.security(peer_id))
+        s = Swarm(PeerConfig(peer_id=peer_id, coordinator=True, member=False,
                              timeouts=kw.pop("timeouts", FAST), **kw))
         self.swarms.append(s)
         return s
 
     def peer(self, peer_id: str, join: list[str], **kw: Any) -> Swarm:
+        kw.setdefault("security", self.security(peer_id))
         s = Swarm(PeerConfig(peer_id=peer_id, join=tuple(join), timeouts=kw.pop("timeouts", FAST), **kw))
         self.swarms.append(s)
         return s
@@ -62,8 +90,8 @@ class InProcess:
 
 
 @pytest.fixture
-def inproc() -> Iterator[InProcess]:
-    ip = InProcess()
+def inproc(tmp_path: Path) -> Iterator[InProcess]:
+    ip = InProcess(tmp_path / "keys")
     try:
         yield ip
     finally:

@@ -102,8 +102,8 @@ def test_source_killed_mid_catch_up_then_retry_on_survivors(inproc: InProcess) -
         {n: torch.zeros_like(t) for n, t in make_state(scale=2000).tensors.items()})]
     victim = peers[1]
 
-    def member(p: Swarm, s: SharedState, strategy: str) -> object:
-        return with_retry(p, lambda: sync(p.comm, s, strategy, timeout=30))
+    def member(p: Swarm, s: SharedState, strategy: str, timeout: float = 30) -> object:
+        return with_retry(p, lambda: sync(p.comm, s, strategy, timeout=timeout))
 
     import threading
     import time
@@ -114,7 +114,7 @@ def test_source_killed_mid_catch_up_then_retry_on_survivors(inproc: InProcess) -
 
     threading.Thread(target=killer, daemon=True).start()
     results = run_all([lambda: member(peers[0], states[0], "enforce_popular"),
-                       lambda: member(peers[1], states[1], "enforce_popular"),
+                       lambda: member(peers[1], states[1], "enforce_popular", timeout=2),  # dies
                        lambda: member(peers[2], states[2], "receive_only")])
     if isinstance(results[2], OpAborted):
         pytest.fail(f"the joiner did not recover: {results[2]}")
