@@ -52,6 +52,7 @@ class Limits:
     rcv_hwm: int = 256
     max_batch: int = 64  # messages handled per poll before timers get a turn
     io_threads: int = 1  # zmq I/O threads (one saturates loopback here; more help only with many streams)
+    streams: int = 1     # TCP connections per neighbour for tensor data (fills long fat WAN pipes)
     handshake_ms: int = 10000  # a connection that has not finished its (security) handshake by then is cut
 
 
@@ -81,11 +82,13 @@ Event = Union[Received, Bad, LinkEvent]
 @dataclass
 class _Link:
     addr: str
-    sock: zmq.Socket
+    sock: zmq.Socket          # control messages and the first data stream (ordered)
     monitor: zmq.Socket
     up: bool = False
     handshakes: int = 0
     failures: int = 0
+    data: list[zmq.Socket] = field(default_factory=list)  # extra data streams, used round-robin
+    turn: int = 0
 
 
 @dataclass
@@ -144,6 +147,29 @@ class Transport:
             if link.addr == addr:
                 return
             self.disconnect(peer)
+        sock = self._dealer(peer, addr)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        try:
+            sock.connect(addr)
+            data = [self._dealer(peer, addr) for _ in range(self.limits.streams - 1)]
+            for d in data:
+                d.connect(addr)
+        except zmq.ZMQError as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            raise WireError(f"cannot connect to {addr!r:.80}: {exc}") from None
+        self.links[peer] = _Link(addr, sock, monitor, data=data)
+        self._by_monitor[monitor] = peer
+        self.poller.register(monitor, zmq.POLLIN)
+        hello = self.security.hello()
+        if hello is not None:
+            for s in (sock, *data):
+                s.send(wire.encode(hello))  # queued first: it proves our key before anything else arrives
+
+    def _dealer(self, peer: str, addr: str) -> zmq.Socket:
+        """One outbound connection; its routing id is unique (``id/random``) so a peer's several streams
+        and reconnections never take each other's place at the receiving ROUTER."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"{self.my_id}/{secrets.token_hex(4)}".encode())
@@ -155,20 +181,7 @@ class Transport:
         if addr.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
         self.security.configure_client(sock, peer)
-        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-        try:
-            sock.connect(addr)
-        except zmq.ZMQError as exc:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
-            raise WireError(f"cannot connect to {addr!r:.80}: {exc}") from None
-        self.links[peer] = _Link(addr, sock, monitor)
-        self._by_monitor[monitor] = peer
-        self.poller.register(monitor, zmq.POLLIN)
-        hello = self.security.hello()
-        if hello is not None:
-            sock.send(wire.encode(hello))  # queued first: it proves our key before anything else arrives
+        return sock
 
     def disconnect(self, peer: str) -> None:
         link = self.links.pop(peer, None)
@@ -179,6 +192,8 @@ class Transport:
         link.sock.disable_monitor()
         link.monitor.close(linger=0)
         link.sock.close(linger=0)
+        for d in link.data:
+            d.close(linger=0)
 
     def is_up(self, peer: str) -> bool:
         link = self.links.get(peer)
@@ -198,7 +213,11 @@ class Transport:
             link.sock.send(header, copy=True)
             size = len(header)
         else:
-            link.sock.send_multipart([header, payload], copy=False)
+            sock = link.sock
+            if link.data:  # tensor data is spread over the streams; each message still arrives whole
+                link.turn = (link.turn + 1) % (len(link.data) + 1)
+                sock = link.sock if link.turn == 0 else link.data[link.turn - 1]
+            sock.send_multipart([header, payload], copy=False)
             size = len(header) + memoryview(payload).nbytes
         c = self.counters
         c.bytes_sent += size

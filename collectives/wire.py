@@ -432,6 +432,37 @@ class Hello(Message):
             raise WireError("Hello: token must have 32 bytes")
 
 
+@register
+@dataclass(frozen=True)
+class BwProbe(Message):
+    """Part ``part`` of ``parts`` of a bandwidth probe (payload: filler bytes), sent after an epoch change."""
+    TAG = 22
+    HAS_PAYLOAD = True
+    epoch: int
+    part: int
+    parts: int
+
+    def validate(self) -> None:
+        if not 0 <= self.part < self.parts <= 64:
+            raise WireError("BwProbe: bad part numbers")
+
+
+@register
+@dataclass(frozen=True)
+class BwReport(Message):
+    """To the coordinator: measured bandwidth (bytes/s) from ``sender_id`` to me."""
+    TAG = 23
+    term: int
+    epoch: int
+    sender_id: str
+    bytes_per_s: float
+
+    def validate(self) -> None:
+        check_peer_id(self.sender_id)
+        if not 0.0 < self.bytes_per_s < 1e13:
+            raise WireError("BwReport: implausible bandwidth")
+
+
 def _check_op(group: str, seq: int, members: tuple[str, ...]) -> None:
     check_group(group)
     if seq < 0:

@@ -20,14 +20,14 @@ from peer.procs import LocalProcs
 
 
 def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_bytes: int,
-                         digest: bool, timeout: float = 600.0, codec: str = "none",
+                         digest: bool, timeout: float = 600.0, codec: str = "none", streams: int = 1,
                          insecure: bool = False) -> dict[str, Any]:
     elems = nbytes // 4
     with tempfile.TemporaryDirectory(prefix="swarmtrain-bench-") as tmp, \
             LocalProcs(Path(tmp), insecure=insecure) as lp:
         coord = lp.coordinator()
         extra = ["--workload", "bench", "--elems", str(elems), "--ops", str(iters), "--warmup", str(warmup),
-                 "--expect", str(n), "--slice-bytes", str(slice_bytes)]
+                 "--expect", str(n), "--slice-bytes", str(slice_bytes), "--streams", str(streams)]
         if not digest:
             extra.append("--no-digest")
         if codec != "none":
@@ -44,10 +44,36 @@ def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_byt
             "rel_error": max(r.get("rel_error", 0.0) for r in results)}
 
 
+def catchup(sources: int, mb: float, timeout: float = 600.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="swarmtrain-catchup-") as tmp, LocalProcs(Path(tmp)) as lp:
+        coord = lp.coordinator()
+        common = ["--state-mb", str(mb), "--expect", str(sources + 1)]
+        names = [f"src{i}" for i in range(sources)]
+        for name in names:
+            lp.peer(name, [coord.hostport], ["--workload", "catchup-source", *common], record=False)
+        lp.peer("joiner", [coord.hostport], ["--workload", "catchup-joiner", *common], record=False)
+        joiner = lp.wait_done("joiner", timeout)
+        for name in names:
+            lp.wait_done(name, timeout)
+    return {"sources": sources, "mb": mb, "seconds": round(joiner["seconds"], 3),
+            "bytes_received": joiner["bytes_received"],
+            "throughput_mb_s": round(joiner["bytes_received"] / (1 << 20) / joiner["seconds"], 1)}
+
+
 def run_bench(a: argparse.Namespace) -> int:
+    if a.bench == "catchup":
+        rows = [catchup(int(s), a.mb) for s in a.sources.split(",")]
+        if a.json:
+            print(json.dumps({"catchup": rows}))
+        else:
+            for r in rows:
+                print(f"catch-up of {r['mb']:g} MiB from {r['sources']} source(s): {r['seconds']:.2f} s "
+                      f"({r['throughput_mb_s']:.0f} MiB/s, hashes verified)")
+        return 0
     nbytes = int(a.mb * (1 << 20)) // 4 * 4
     ours = swarmtrain_allreduce(a.peers, nbytes, a.iters, a.warmup, int(a.slice_mb * (1 << 20)),
-                                not a.no_digest, codec=a.codec, insecure=getattr(a, "insecure", False))
+                                not a.no_digest, codec=a.codec, insecure=getattr(a, "insecure", False),
+                                streams=a.streams)
     # with a codec, bus bandwidth counts uncompressed bytes reduced per second (effective bandwidth)
     out: dict[str, Any] = {"peers": a.peers, "mb": a.mb, "iters": a.iters, "codec": a.codec,
                            "swarmtrain_busbw_gbps": round(ours["busbw_gbps"], 4),

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 from collectives import keys
 from collectives.errors import LocalError
+from collectives.transport import Limits
 from peer.config import DEFAULT_KEY_FILE, INSECURE_WARNING, KEY_ENV, PeerConfig, SecurityConfig, Timeouts
 from peer.swarm import Swarm, new_peer_id
 
@@ -99,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", default="",
                    help="HOST:PORT other peers should connect to instead of the bound address "
                         "(e.g. a proxy or a NAT in front of this peer)")
-    p.add_argument("--workload", choices=["allreduce", "bench", "none"], default="allreduce",
+    p.add_argument("--workload", choices=["allreduce", "bench", "catchup-source", "catchup-joiner", "none"],
+                   default="allreduce",
                    help="allreduce: repeated all-reduces surviving churn; bench: wait for --expect "
                         "peers, then time --ops all-reduces; none: only keep membership")
-    p.add_argument("--expect", type=int, default=2, help="bench: number of peers to wait for")
+    p.add_argument("--expect", type=int, default=2, help="bench/catchup: number of peers to wait for")
+    p.add_argument("--state-mb", type=float, default=100, help="catchup: shared state size in MiB")
     p.add_argument("--warmup", type=int, default=2, help="bench: untimed all-reduces first")
     p.add_argument("--slice-bytes", type=int, default=4 << 20, help="frame size for tensor data")
+    p.add_argument("--streams", type=int, default=1,
+                   help="TCP connections per neighbour for tensor data (more fill long, fat WAN links)")
     p.add_argument("--elems", type=int, default=262144, help="float32 elements per all-reduce")
     p.add_argument("--ops", type=int, default=None, help="stop after this many committed ops")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -112,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", default=None, help="append one JSON line per op attempt to this file")
     p.add_argument("--progress", action="store_true", help="print one line per op to stderr")
     p.add_argument("--no-digest", action="store_true", help="skip the per-op BLAKE2b parity digest")
+    p.add_argument("--codec", choices=["none", "fp16", "bf16", "int8"], default="none",
+                   help="compress all-reduce traffic (lossy; results stay bit-identical on every peer)")
     _timeouts_args(p)
 
     d = sub.add_parser("demo", help="local demo: a coordinator and 4 peers all-reducing while peers die and join",
@@ -154,10 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations (default 2)")
     ba.add_argument("--slice-mb", type=float, default=4, help="frame size in MiB for swarmtrain (default 4)")
     ba.add_argument("--no-digest", action="store_true", help="skip swarmtrain's per-op parity digest")
+    ba.add_argument("--streams", type=int, default=1, help="TCP connections per neighbour (default 1)")
+    ba.add_argument("--codec", choices=["none", "fp16", "bf16", "int8"], default="none",
+                    help="compress swarmtrain's all-reduce (reports effective bandwidth and error)")
     ba.add_argument("--skip-gloo", action="store_true", help="do not run the Gloo baseline")
     ba.add_argument("--insecure", action="store_true",
                     help="run swarmtrain without encryption/authentication (to measure security's cost)")
     ba.add_argument("--json", action="store_true", help="print one JSON object")
+    bc = bsub.add_parser("catchup", help="shared-state catch-up of a joiner from 1 and from several sources",
+                         description="Sources hold an identical shared state; a joiner with zeros syncs "
+                                     "receive-only and pulls it, split across the sources, verifying hashes.")
+    bc.add_argument("--mb", type=float, default=100, help="state size in MiB (default 100)")
+    bc.add_argument("--sources", default="1,3", help="comma-separated source counts to measure (default 1,3)")
+    bc.add_argument("--json", action="store_true", help="print one JSON object")
     bj = bsub.add_parser("join", help="time joins with and without authentication",
                          description="In one process, over loopback: a coordinator and one member, then time "
                                      "--trials fresh peers joining (start to admitted), secure (CURVE + ZAP + "
@@ -198,7 +214,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 
 
 def cmd_peer(a: argparse.Namespace) -> int:
-    from peer.workload import AllReduceWorkload, run_allreduce, run_bench
+    from peer.workload import AllReduceWorkload, run_allreduce, run_bench, run_catchup
 
     pid = a.id or new_peer_id()
     _setup_logging(a.log_level, pid)
@@ -208,7 +224,7 @@ def cmd_peer(a: argparse.Namespace) -> int:
         return 2
     cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join, advertise=a.advertise,
                      coordinator=a.bootstrap, parity_digest=not a.no_digest, timeouts=_timeouts(a),
-                     slice_bytes=a.slice_bytes, security=_security(a))
+                     slice_bytes=a.slice_bytes, security=_security(a), limits=Limits(streams=a.streams))
     swarm = Swarm(cfg)
     print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,
                       "bound": swarm.node.transport.addr}), flush=True)
@@ -222,10 +238,14 @@ def cmd_peer(a: argparse.Namespace) -> int:
                 if a.duration is not None:
                     break
             summary: dict[str, Any] = swarm.stats
+        elif a.workload.startswith("catchup"):
+            summary = run_catchup(swarm, a.state_mb, a.workload == "catchup-joiner", a.expect)
         elif a.workload == "bench":
-            summary = run_bench(swarm, a.elems, a.ops or 10, a.warmup, a.expect)
+            summary = run_bench(swarm, a.elems, a.ops or 10, a.warmup, a.expect,
+                                codec=None if a.codec == "none" else a.codec)
         else:
-            w = AllReduceWorkload(elems=a.elems, ops=a.ops, duration=a.duration, pause=a.pause)
+            w = AllReduceWorkload(elems=a.elems, ops=a.ops, duration=a.duration, pause=a.pause,
+                                  codec=None if a.codec == "none" else a.codec)
             summary = run_allreduce(swarm, w, record, sys.stderr if a.progress else None, stop=stop)
         print(json.dumps({"event": "done", **summary}), flush=True)
     finally:

@@ -81,6 +81,7 @@ class PeerConfig:
     advertise: str = ""                 # address others reach us at (a proxy, a NAT); default: the bound one
     slice_bytes: int = 4 * 1024 * 1024  # tensors travel as frames of at most this size
     parity_digest: bool = True          # send a BLAKE2b digest of every result with the commit request
+    bandwidth_probes: bool = True       # measure links to new members; the coordinator orders the ring by them
     max_early_bytes: int = 1 << 30      # data we hold for ops we have not started yet
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)

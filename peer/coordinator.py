@@ -25,12 +25,14 @@ from typing import Union
 
 from collectives import wire
 from collectives.ring import group_id
+from collectives.topology import best_ring, bottleneck
 from peer.config import Timeouts
 
 log = logging.getLogger(__name__)
 
 WORLD = "w"
 MAX_DECIDED = 8192
+REORDER_GAIN = 1.5  # reorder the ring only when its slowest link gets at least this much faster
 
 
 @dataclass
@@ -81,6 +83,8 @@ class CoordinatorCore:
         self.reform_expected = set(reform_expected or ())
         self.rejoined: dict[str, wire.Rejoin] = {}
         self.failed_reform = False
+        self.bw: dict[tuple[str, str], float] = {}      # measured (sender, receiver) -> bytes/s
+        self.reorder: list[str] | None = None          # a faster ring, applied at the next topology vote
         self.former: collections.OrderedDict[str, str] = collections.OrderedDict()  # evicted id -> addr
 
     # ------------------------------------------------------------------ helpers
@@ -97,7 +101,7 @@ class CoordinatorCore:
         while len(self.decided) > MAX_DECIDED:
             self.decided.popitem(last=False)
         self.ops.pop(key, None)
-        verdict = wire.OpVerdict(self.term, key[0], key[1], key[2], commit, len(self.pending), reason)
+        verdict = wire.OpVerdict(self.term, key[0], key[1], key[2], commit, self._wanted(), reason)
         return [Out(m, verdict) for m in members if m in self.addrs]
 
     def _abort_open_ops(self, reason: str) -> list[Action]:
@@ -125,6 +129,8 @@ class CoordinatorCore:
         self.last_seen.pop(peer, None)
         self.down_since.pop(peer, None)
         self.votes.discard(peer)
+        self.reorder = None
+        self.bw = {k: v for k, v in self.bw.items() if peer not in k}
         out = self._new_epoch(f"{peer} lost: {reason}")
         self._forget(peer)
         return out + self._maybe_finish_vote() + [Drop(peer)]
@@ -164,7 +170,7 @@ class CoordinatorCore:
                 return [Connect(sender, addr), self._stale(sender, "not a member (evicted)")]
             return []
         if isinstance(msg, wire.Heartbeat):
-            return [Out(sender, wire.HeartbeatAck(self.term, self.epoch, len(self.pending)))]
+            return [Out(sender, wire.HeartbeatAck(self.term, self.epoch, self._wanted()))]
         if isinstance(msg, wire.Leave):
             return self.evict(sender, "left")
         if sender not in self.members:
@@ -173,6 +179,8 @@ class CoordinatorCore:
             return self._on_vote(sender, msg)
         if isinstance(msg, (wire.OpDone, wire.OpFail)):
             return self._on_op(sender, msg)
+        if isinstance(msg, wire.BwReport):
+            return self._on_bw(sender, msg)
         if isinstance(msg, wire.Suspect):
             if msg.suspect_id in self.members and msg.suspect_id != sender:
                 if msg.reason.startswith("protocol") or msg.suspect_id in self.down_since:
@@ -214,25 +222,50 @@ class CoordinatorCore:
         voters = [m for m in self.members if m in self.votes]
         voted = self.epoch
         self.votes.clear()
-        out: list[Action] = self._admit_pending("topology update") if self.pending else []
+        out: list[Action] = []
+        if self.reorder:
+            order = [m for m in self.reorder if m in self.members]
+            self.members = order + [m for m in self.members if m not in order]
+            self.reorder = None
+            if not self.pending:
+                out += self._new_epoch("ring reordered by measured bandwidth")
+        if self.pending:
+            out += self._admit_pending("topology update")
         return out + [Out(m, wire.TopologyDone(self.term, voted, self.epoch)) for m in voters]
+
+    def _wanted(self) -> int:
+        """Topology changes waiting for a vote (joiners, or a faster ring): members see it in verdicts."""
+        return len(self.pending) + (1 if self.reorder else 0)
+
+    def _on_bw(self, sender: str, msg: wire.BwReport) -> list[Action]:
+        if msg.sender_id not in self.members:
+            return []
+        self.bw[(msg.sender_id, sender)] = msg.bytes_per_s
+        cur = bottleneck(self.members, self.bw)
+        best = best_ring(self.members, self.bw)
+        new = bottleneck(best, self.bw)
+        if cur is not None and new is not None and new > REORDER_GAIN * cur:
+            if self.reorder != best:
+                log.info("coordinator %s: ring %s would run at %.3g B/s instead of %.3g", self.me, best, new, cur)
+            self.reorder = best
+        return []
 
     def _on_op(self, sender: str, msg: wire.OpDone | wire.OpFail) -> list[Action]:
         key = (msg.epoch, msg.group, msg.seq)
         skey = wire.op_key(*key)
         if skey in self.decided:
             commit = self.decided[skey]
-            return [Out(sender, wire.OpVerdict(self.term, *key, commit, len(self.pending), "already decided"))]
+            return [Out(sender, wire.OpVerdict(self.term, *key, commit, self._wanted(), "already decided"))]
         if msg.epoch != self.epoch:
             self.decided[skey] = False
-            return [Out(sender, wire.OpVerdict(self.term, *key, False, len(self.pending), "stale epoch"))]
+            return [Out(sender, wire.OpVerdict(self.term, *key, False, self._wanted(), "stale epoch"))]
         if msg.group == WORLD:
             members = tuple(self.members)
         else:
             members = msg.members
             if (group_id(members) != msg.group and not msg.group.startswith("p")) or \
                     not set(members) <= set(self.members) or sender not in members:
-                return [Out(sender, wire.OpVerdict(self.term, *key, False, len(self.pending), "bad group"))]
+                return [Out(sender, wire.OpVerdict(self.term, *key, False, self._wanted(), "bad group"))]
         op = self.ops.setdefault(key, _Op(members))
         if isinstance(msg, wire.OpFail):
             return self._decide(key, op.members, False, f"{sender}: {msg.reason}")

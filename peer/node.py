@@ -33,7 +33,8 @@ from peer.ops import OpEngine, OpSpec
 log = logging.getLogger(__name__)
 
 _TO_COORDINATOR = (wire.Join, wire.Heartbeat, wire.Leave, wire.TopologyVote, wire.OpDone, wire.OpFail,
-                   wire.Suspect, wire.Rejoin)
+                   wire.Suspect, wire.Rejoin, wire.BwReport)
+PROBE_PARTS, PROBE_PART_BYTES = 8, 64 * 1024  # a 512 KiB bandwidth probe to every new member
 _FROM_COORDINATOR = (wire.Welcome, wire.HeartbeatAck, wire.EpochUpdate, wire.TopologyDone, wire.OpVerdict,
                      wire.Stale, wire.Redirect)
 SEED = "@seed"
@@ -78,6 +79,8 @@ class Node:
         self._thread = threading.Thread(target=self._run, name=f"swarm-{self.id}", daemon=True)
         self.error: Optional[BaseException] = None
         self._last_hb = 0.0
+        self._probed: set[str] = set()
+        self._probe_rx: dict[str, tuple[float, int, int]] = {}
         self._join_addr = ""
         self._last_tick = time.monotonic()
         self.old_coord_id = ""
@@ -210,6 +213,8 @@ class Node:
             self.engine.on_chunk(sender, msg, payload, now)
         elif isinstance(msg, wire.P2PAck):
             self.engine.on_ack(sender, msg, now)
+        elif isinstance(msg, wire.BwProbe):
+            self._on_probe(sender, msg, payload, now)
         elif isinstance(msg, _TO_COORDINATOR):
             self._to_coordinator_role(sender, msg, now)
         elif isinstance(msg, _FROM_COORDINATOR):
@@ -324,12 +329,39 @@ class Node:
             if m != self.coord_id:
                 self.transport.disconnect(m)
         self.engine.new_epoch(msg.term, msg.epoch, self.members, msg.reason)
+        self._probe_new_members()
         self._note("epoch", f"{msg.epoch} {','.join(self.members)} ({msg.reason})")
         log.info("%s: epoch %d members=%s (%s)", self.id, msg.epoch, self.members, msg.reason)
         if new_term:
             self._wake_waiters(None)  # votes cast under the old coordinator are void
         with self.admitted:
             self.admitted.notify_all()
+
+    # ------------------------------------------------------------------ bandwidth probes
+    def _probe_new_members(self) -> None:
+        """Send a small probe to members we have not measured; the receiver reports the rate it saw to the
+        coordinator, which reorders the ring (at a topology vote) when that makes the slowest link faster."""
+        if not self.cfg.bandwidth_probes:
+            return
+        filler = bytes(PROBE_PART_BYTES)
+        for m in self.members:
+            if m != self.id and m not in self._probed:
+                self._probed.add(m)
+                for part in range(PROBE_PARTS):
+                    self._send(m, wire.BwProbe(self.epoch, part, PROBE_PARTS), filler)
+
+    def _on_probe(self, sender: str, msg: wire.BwProbe, payload: Any, now: float) -> None:
+        first, nbytes, seen = self._probe_rx.get(sender, (time.perf_counter(), 0, 0))
+        t = time.perf_counter()
+        if seen:
+            nbytes += len(payload)  # bytes after the first part, over the time since the first part
+        seen += 1
+        if seen < msg.parts:
+            self._probe_rx[sender] = (first, nbytes, seen)
+            return
+        self._probe_rx.pop(sender, None)
+        if t > first and nbytes and self.state == "member":
+            self._to_coordinator(wire.BwReport(self.term, self.epoch, sender, min(nbytes / (t - first), 9e12)))
 
     def _wake_waiters(self, error: Optional[BaseException]) -> None:
         waiters, self.topology_waiters = self.topology_waiters, []

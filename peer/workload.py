@@ -41,6 +41,7 @@ class AllReduceWorkload:
     op_timeout: float = 60.0
     min_members: int = 2
     pause: float = 0.0                # seconds between ops (a slower, more readable demo)
+    codec: Optional[str] = None       # compressed all-reduce (fp16, bf16, int8)
 
 
 def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] = None,
@@ -67,7 +68,7 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
             attempt += 1
             x = input_for(seed, w.elems)
             op_start, epoch0, members0 = time.monotonic(), swarm.epoch, swarm.members
-            metrics = swarm.comm.all_reduce(x, op=w.op, timeout=w.op_timeout)
+            metrics = swarm.comm.all_reduce(x, op=w.op, timeout=w.op_timeout, codec=w.codec)
             committed += 1
             _write(record, {"peer": swarm.id, "committed": True, "seed": seed,
                             "key": f"{metrics['epoch']}:{metrics['group']}:{metrics['seq']}",
@@ -153,18 +154,44 @@ def wait_for_members(swarm: Swarm, expect: int, timeout: float) -> None:
 
 
 def run_bench(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
-              timeout: float = 300.0) -> dict[str, Any]:
-    """Time ``iters`` all-reduces of ``elems`` float32 among exactly ``expect`` members."""
+              timeout: float = 300.0, codec: Optional[str] = None) -> dict[str, Any]:
+    """Time ``iters`` all-reduces of ``elems`` float32 among exactly ``expect`` members, then measure the
+    error of one all-reduce of random data against the exact (float64) sum."""
     wait_for_members(swarm, expect, timeout)
     x = np.ones(elems, dtype=np.float32)
     for _ in range(warmup):
-        swarm.comm.all_reduce(x, timeout=timeout)
+        swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
         x.fill(1.0)
     swarm.comm.barrier(timeout=timeout)
     t0 = time.perf_counter()
     for _ in range(iters):
-        swarm.comm.all_reduce(x, timeout=timeout)
+        swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
     elapsed = time.perf_counter() - t0
-    ok = bool(np.all(x == np.float32(expect) ** iters))
+    ok = codec is not None or bool(np.all(x == np.float32(expect) ** iters))
+    members = swarm.members
+    y = input_for(members.index(swarm.id), elems)
+    swarm.comm.all_reduce(y, timeout=timeout, codec=codec)
+    exact = sum(input_for(i, elems).astype(np.float64) for i in range(len(members)))
+    rel_error = float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
     swarm.comm.barrier(timeout=timeout)
-    return {"peer": swarm.id, "seconds_per_op": elapsed / iters, "correct": ok, "members": len(swarm.members)}
+    return {"peer": swarm.id, "seconds_per_op": elapsed / iters, "correct": ok, "members": len(members),
+            "rel_error": rel_error}
+
+
+def run_catchup(swarm: Swarm, state_mb: float, joiner: bool, expect: int, timeout: float = 300.0
+                ) -> dict[str, Any]:
+    """Shared-state catch-up: sources hold an identical ~``state_mb`` MiB state (8 tensors), the joiner
+    holds zeros and syncs receive-only, pulling ranges from every source in parallel."""
+    from recovery.shared_state import SharedState, sync
+
+    wait_for_members(swarm, expect, timeout)
+    elems = int(state_mb * (1 << 20)) // 4 // 8
+    rng = np.random.default_rng(1234)
+    named = {f"t{i}": (np.zeros(elems, np.float32) if joiner else rng.standard_normal(elems, dtype=np.float32))
+             for i in range(8)}
+    state = SharedState(named)
+    swarm.comm.barrier(timeout=timeout)
+    result = sync(swarm.comm, state, "receive_only" if joiner else "enforce_popular", timeout=timeout)
+    swarm.comm.barrier(timeout=timeout)
+    return {"peer": swarm.id, "joiner": joiner, "seconds": result.seconds, "bytes_received": result.bytes_received,
+            "bytes_served": result.bytes_served, "fetched": len(result.fetched), "rounds": result.rounds}

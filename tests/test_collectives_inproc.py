@@ -220,3 +220,16 @@ def test_misuse_raises_local_errors(inproc: InProcess) -> None:
     with pytest.raises(LocalError):
         peers[0].comm.send(torch.ones(3), to="nobody", timeout=5)
     assert OpTimeout.__mro__[1] is OpAborted
+
+
+def test_several_tcp_streams_per_neighbour(inproc: InProcess) -> None:
+    from collectives.transport import Limits
+
+    peers = form(inproc, 3, slice_bytes=16 * 1024, limits=Limits(streams=3))
+    assert all(len(link.data) == 2 for p in peers for link in p.node.transport.links.values())
+    rng = np.random.default_rng(5)
+    inputs = [rng.standard_normal(100_000).astype(np.float32) for _ in peers]
+    bufs = [x.copy() for x in inputs]
+    run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
+    assert len({ring.digest(b) for b in bufs}) == 1
+    np.testing.assert_allclose(bufs[0], np.sum(inputs, axis=0), rtol=1e-5, atol=1e-4)

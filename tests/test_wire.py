@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 
 MESSAGE_CLASSES = sorted(wire._REGISTRY.values(), key=lambda c: c.TAG)
 
-PEER_FIELDS = {"peer_id", "coord_id", "suspect_id"}
+PEER_FIELDS = {"peer_id", "coord_id", "suspect_id", "sender_id"}
 ADDR_FIELDS = {"addr", "coord_addr"}
 GROUP_FIELDS = {"group"}
 
@@ -52,7 +52,11 @@ def sample_value(cls: type, name: str, typ: Any, variant: int = 0) -> Any:
         if cls is wire.Hello:  # a 32-byte HMAC token
             return bytes(32) if variant == 0 else b"\xff" * 32
         return b"\x00\x01\xff" if variant == 0 else bytes(range(256)) * 16  # exactly MAX_BYTES
+    if typ is float:
+        return 1e6 if variant == 0 else 5.0
     if typ is int:
+        if cls is wire.BwProbe and name in ("part", "parts"):
+            return {("part", 0): 1, ("parts", 0): 8, ("part", 1): 0, ("parts", 1): 64}[(name, variant)]
         if cls is wire.Chunk and name == "phase":
             return wire.PHASE_ALL_GATHER if variant == 0 else wire.PHASE_P2P
         if cls is wire.Chunk and name in ("step", "part", "count", "seq"):
@@ -125,7 +129,7 @@ def test_registry_is_consistent() -> None:
         assert cls.TAG == tag
         assert issubclass(cls, wire.Message)
         assert dataclasses.is_dataclass(cls)
-    assert [c for c in MESSAGE_CLASSES if c.HAS_PAYLOAD] == [wire.Chunk]
+    assert [c for c in MESSAGE_CLASSES if c.HAS_PAYLOAD] == [wire.Chunk, wire.BwProbe]
 
 
 def test_duplicate_tag_registration_is_refused() -> None:
@@ -230,7 +234,7 @@ def test_wrong_version_is_rejected(version: Any) -> None:
     assert_wire_error(lambda: wire.decode(pack(obj)))
 
 
-UNKNOWN_TAGS = [0, -1, 16, 17, 18, 19, 22, 99, 2**32, 2**63 - 1, -(2**63), 2**64 - 1]
+UNKNOWN_TAGS = [0, -1, 16, 17, 18, 19, 29, 99, 2**32, 2**63 - 1, -(2**63), 2**64 - 1]
 
 
 @pytest.mark.parametrize("tag", UNKNOWN_TAGS + [True, 1.0, 20.0, "20", b"\x14", None, [20], {}])
@@ -270,6 +274,7 @@ WRONG_FOR = {
     str: [1, 0, True, b"peer-1", None, 1.5, ["peer-1"], {}, {"a": "b"}],
     bool: [1, 0, "true", b"\x01", None, 1.0, [True], {}],
     bytes: ["abc", 1, True, None, [1, 2], {}, 0.5],
+    float: [1, True, "1.0", None, b"\x01", [1.0], {}],
 }
 WRONG_FOR_TUPLE = ["peer-1", 1, True, None, b"ab", {}, {"a": 1}, [1], [True], [None], [b"x"], [["peer-1"]],
                    [[]], ["ok", ["nested"]], [{"a": 1}]]
