@@ -19,6 +19,7 @@ from typing import IO, Any, Optional
 import numpy as np
 
 from collectives.errors import CoordinatorUnavailable, DeadlineExceeded, OpAborted, StaleError, TooFewPeers
+from collectives import ring
 from peer.swarm import Swarm
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
             committed += 1
             _write(record, {"peer": swarm.id, "committed": True, "seed": seed,
                             "key": f"{metrics['epoch']}:{metrics['group']}:{metrics['seq']}",
-                            "members": metrics["members"], "digest": metrics.get("digest", ""),
+                            "members": metrics["members"], "digest": ring.digest(x).hex(),
                             "result_sum": float(x.astype(np.float64).sum()), "t": time.time(),
                             "duration_s": metrics["duration_s"], "bytes_sent": metrics.get("bytes_sent", 0),
                             "coordinator": swarm.is_coordinator})

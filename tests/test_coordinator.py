@@ -136,3 +136,23 @@ def test_join_from_another_swarm_or_with_a_forged_id_is_refused() -> None:
     assert msgs(out, wire.Stale, "x") and not c.members and not c.pending
     assert c.on_message("x", wire.Join("y", addr("y"), "alpha"), 0.0) == []
     assert not c.members and not c.pending
+
+
+def test_measured_bandwidth_reorders_the_ring_at_the_next_vote() -> None:
+    c = core_with(["a", "b", "c", "d"])
+    for src in "abcd":
+        for dst in "abcd":
+            if src != dst:
+                rate = 1e6 if {src, dst} == {"a", "b"} else 1e8  # the a<->b link is slow
+                c.on_message(dst, wire.BwReport(1, c.epoch, src, rate), 0.0)
+    assert c.reorder is not None and c._wanted() == 1, "members must learn a topology update is wanted"
+    e = c.epoch
+    for m in ("a", "b", "c", "d"):
+        out = c.on_message(m, wire.TopologyVote(1, e), 0.0)
+    assert c.epoch == e + 1 and c.members[0] == "a" and c.members[1] != "b" and c.members[-1] != "b"
+    assert msgs(out, wire.EpochUpdate) and c.reorder is None
+
+
+def test_bandwidth_from_a_non_member_is_ignored() -> None:
+    c = core_with(["a", "b", "c"])
+    assert c.on_message("a", wire.BwReport(1, c.epoch, "zzz", 1e6), 0.0) == [] and not c.bw

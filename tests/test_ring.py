@@ -174,7 +174,14 @@ def test_allreduce_matches_reference(n: int, size: int, dtype: str) -> None:
         results = [o.result for o in ops.values()]
         assert len(digests(ops)) == 1, "all members must end bit-identical"
         assert all(r.shape == (size,) and r.dtype == inputs[0].dtype for r in results)
-        assert all(ring.digest(r) == o.digest() for r, o in zip(results, ops.values()))
+        assert len({ring.digest(r) for r in results}) == 1, "the bytes themselves agree (BLAKE2b)"
+        if size:  # the op's cheap parity digest is a function of the result bytes
+            o = next(iter(ops.values()))
+            before = o.digest()
+            o.result.view(np.uint8)[0] ^= 1
+            o._crcs.clear()
+            assert o.digest() != before
+            o.result.view(np.uint8)[0] ^= 1
         assert_matches_reference(results[0], inputs, op, dtype)
         if size >= 1000 and n > 1:
             parts = ops[members(n)[0]].parts

@@ -128,3 +128,36 @@ def test_numpy_state_and_send_only(inproc: InProcess) -> None:
     b = SharedState({"x": np.zeros(10, dtype=np.float64)}, revision=3)
     results = run_sync(peers, [a, b], ["send_only", "receive_only"])
     assert np.array_equal(b.tensors["x"], np.arange(10)) and results[1].revision == 3
+
+
+def test_join_during_sync_then_catch_up_with_parity(inproc: InProcess) -> None:
+    import threading
+    import time
+
+    peers = form(inproc, 3)
+    states = [make_state(scale=300) for _ in peers]
+    states[1].tensors["w"][0] = 5.0  # something to repair while the joiner arrives
+    coord = inproc.swarms[0]
+    joined: list[Swarm] = []
+
+    def join_soon() -> None:
+        time.sleep(0.01)
+        joined.append(inproc.peer("late", [coord.addr.removeprefix("tcp://")]))
+
+    t = threading.Thread(target=join_soon, daemon=True)
+    t.start()
+    run_sync(peers, states)
+    t.join(5)
+    late = joined[0]
+    deadline = time.monotonic() + 10
+    while late.state != "pending":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    run_all([lambda p=p: p.comm.barrier(timeout=10) for p in peers])  # verdicts carry peers_pending
+    assert all(p.peers_pending for p in peers)
+    run_all([p.update_topology for p in peers])
+    late.wait_admitted(10)
+    newbie = SharedState({n: torch.zeros_like(t) for n, t in make_state(scale=300).tensors.items()})
+    results = run_sync([*peers, late], [*states, newbie], ["enforce_popular"] * 3 + ["receive_only"])
+    assert len({tuple(s.hashes()) for s in [*states, newbie]}) == 1
+    assert sorted(results[3].fetched) == newbie.names
