@@ -71,6 +71,18 @@ class RingOp:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._crcs: dict[int, int] = {}
+        self._stores: list[tuple[int, int, Any]] = []
+        # In-place ops: the driver hands a buffer here; each slice's original bytes are saved into it just
+        # before the slice is overwritten, so an abort can put back exactly what was there (I2).
+        self.backup: np.ndarray | None = None
+        self._saved: list[tuple[int, int]] = []
+        self.alloc: Any = np.empty  # scratch allocator (the driver passes a pool)
+        self.allocated: list[np.ndarray] = []
+
+    def _scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
+        buf = self.alloc(n, dtype)
+        self.allocated.append(buf)
+        return buf
 
     @property
     def done(self) -> bool:
@@ -81,9 +93,25 @@ class RingOp:
             dest[...] = self.result
 
     def _store(self, lo: int, hi: int, values: Any) -> None:
-        """Write a finished slice of the result and checksum it while the next bytes are on the wire."""
-        self.result[lo:hi] = values
-        self._crcs[lo] = zlib.crc32(memoryview(self.result[lo:hi]).cast("B"))
+        """Queue a finished slice of the result; ``flush`` writes it after the driver has sent what this
+        step produced, so forwarding never waits for copies and checksums."""
+        self._stores.append((lo, hi, values))
+
+    def flush(self) -> None:
+        for lo, hi, values in self._stores:
+            if self.backup is not None:
+                self.backup[lo:hi] = self.result[lo:hi]
+                self._saved.append((lo, hi))
+            self.result[lo:hi] = values
+            self._crcs[lo] = zlib.crc32(memoryview(self.result[lo:hi]).cast("B"))
+        self._stores.clear()
+
+    def restore(self) -> None:
+        """Undo every slice written so far (an aborted in-place op)."""
+        assert self.backup is not None
+        for lo, hi in self._saved:
+            self.result[lo:hi] = self.backup[lo:hi]
+        self._saved.clear()
 
     def digest(self) -> bytes:
         """Cheap parity check of the whole result (CRC32 per slice, combined in order). It catches peers
@@ -137,8 +165,8 @@ class AllReduce(RingOp):
     In place (``out is src``) is safe: a local chunk is read during the reduce-scatter before its final
     value can arrive (the all-gather of a chunk is causally after its reduce-scatter passed through here,
     and both come over the same FIFO link), and the only zero-copy send from ``src`` (step 0 of the
-    reduce-scatter) has been delivered before the final value of that chunk can come back. The driver
-    keeps a backup to restore ``src`` exactly if the op is aborted.
+    reduce-scatter) has been delivered before the final value of that chunk can come back. With a
+    ``backup`` buffer set, ``restore`` puts ``src`` back exactly if the op is aborted.
     """
 
     def __init__(self, op: OpId, ring: list[str], me: str, src: np.ndarray, dtype: str, reduce_op: str,
@@ -190,7 +218,7 @@ class AllReduce(RingOp):
             incoming = self._accept(sender, msg, payload, self.left, PHASE_REDUCE_SCATTER, self.n - 1,
                                     self.parts[c])
             lo, hi = self.parts[c][msg.part]
-            tmp = np.empty(hi - lo, dtype=self.src.dtype)
+            tmp = self._scratch(hi - lo, self.src.dtype)
             tensors.reduce_into(tmp, self.src[lo:hi], self._dec(incoming, hi - lo), self.reduce_op, self.dtype)
             if msg.step < last:
                 return [self._send(self.right, PHASE_REDUCE_SCATTER, msg.step + 1, msg.part, self._enc(tmp),

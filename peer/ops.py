@@ -23,6 +23,7 @@ from peer.handle import Handle
 log = logging.getLogger(__name__)
 
 WORLD = "w"
+EARLY_OVERHEAD = 512  # bytes charged per early chunk held (beyond its payload) against max_early_bytes
 
 
 @dataclass
@@ -54,6 +55,29 @@ class OpRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class BufferPool:
+    """Reuses scratch arrays across ops: fresh large allocations cost page faults on every op."""
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
+        self.free: dict[tuple[str, int], list[np.ndarray]] = {}
+        self.bytes = 0
+        self.max_bytes = max_bytes
+
+    def take(self, n: int, dtype: Any) -> np.ndarray:
+        dt = np.dtype(dtype)
+        bufs = self.free.get((dt.str, n))
+        if bufs:
+            buf = bufs.pop()
+            self.bytes -= buf.nbytes
+            return buf
+        return np.empty(n, dt)
+
+    def give(self, buf: np.ndarray) -> None:
+        if self.bytes + buf.nbytes <= self.max_bytes:
+            self.free.setdefault((buf.dtype.str, buf.size), []).append(buf)
+            self.bytes += buf.nbytes
+
+
 class OpEngine:
     def __init__(self, me: str, slice_bytes: int, parity_digest: bool, max_early_bytes: int,
                  send: Callable[[str, wire.Message, Any], None],
@@ -76,6 +100,7 @@ class OpEngine:
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=10000)
         self.committed = 0
         self.aborted = 0
+        self.pool = BufferPool()
 
     # ------------------------------------------------------------------ membership changes
     def new_epoch(self, term: int, epoch: int, members: list[str], reason: str) -> None:
@@ -150,10 +175,12 @@ class OpEngine:
         rec = OpRecord(spec, core, handle, key, members, work, now, now)
         self.ops[key] = rec
         if core is not None:
+            core.alloc = self.pool.take
+            if in_place:
+                core.backup = rec.backup = self.pool.take(work.size, work.dtype)
             for s in core.start():
                 self._send(s.to, s.msg, s.payload)
-        if in_place:
-            rec.backup = work.copy()  # taken while the first slices are on the wire
+            core.flush()
         for sender, msg, payload in self._take_early(key):
             if key not in self.ops:
                 break
@@ -173,7 +200,7 @@ class OpEngine:
         if msg.epoch > self.epoch + 16 or msg.seq > self.seq.get(msg.group, 0) + 64:
             self._suspect(sender, f"protocol: chunk for op {wire.op_key(*key)} far ahead")
             return
-        size = len(payload) if payload is not None else 0
+        size = (len(payload) if payload is not None else 0) + EARLY_OVERHEAD  # empty chunks count too
         if self.early_bytes + size > self.max_early_bytes:
             self._suspect(sender, "protocol: too much early data")
             return
@@ -205,6 +232,7 @@ class OpEngine:
         rec.last_progress = now
         for s in sends:
             self._send(s.to, s.msg, s.payload)
+        rec.core.flush()
 
     def _check_done(self, rec: OpRecord, now: float) -> None:
         if rec.state != "running" or (rec.core is not None and not rec.core.done):
@@ -279,8 +307,16 @@ class OpEngine:
 
     def _finish(self, rec: OpRecord, error: Optional[BaseException], value: Any = None) -> None:
         self.ops.pop(rec.key, None)
-        if error is not None and rec.backup is not None:
-            rec.spec.views[0][...] = rec.backup  # I2: an aborted in-place op leaves the buffer as it was
+        if rec.core is not None:
+            if error is not None and rec.core.backup is not None:
+                rec.core.restore()  # I2: an aborted in-place op leaves the buffer exactly as it was
+            # Scratch and backup buffers go back to the pool: every member is done (commit) or the op's
+            # remaining messages are stale and dropped on arrival (abort), so reuse cannot leak into a result.
+            for buf in rec.core.allocated:
+                self.pool.give(buf)
+            rec.core.allocated = []
+            if rec.backup is not None:
+                self.pool.give(rec.backup)
         rec.backup = None
         now = time.monotonic()
         m = rec.metrics
@@ -300,7 +336,7 @@ class OpEngine:
     # ------------------------------------------------------------------ early data
     def _take_early(self, key: tuple[int, str, int]) -> list[tuple[str, wire.Chunk, Any]]:
         items = self.early.pop(key, [])
-        self.early_bytes -= sum(len(p) for _, _, p in items if p is not None)
+        self.early_bytes -= sum((len(p) if p is not None else 0) + EARLY_OVERHEAD for _, _, p in items)
         return items
 
     def _drop_early(self, key: tuple[int, str, int]) -> None:

@@ -72,6 +72,7 @@ class Net:
     def run(self, max_messages: int = 10**6) -> None:
         for name, op in self.ops.items():
             self.post(name, op.start())
+            op.flush()
         while True:
             ready = [k for k, q in self.links.items() if q]
             if not ready:
@@ -85,6 +86,7 @@ class Net:
             assert len(data) == msg.count * tensors.DTYPES[msg.dtype].itemsize
             op = self.ops[receiver]
             out = op.on_chunk(sender, msg, data)
+            op.flush()  # the driver writes finished slices after sending (ring.RingOp.flush)
             self.delivered += 1
             assert self.delivered <= max_messages
             self.post(receiver, out)
@@ -337,6 +339,7 @@ def test_point_to_point_delivers_and_ack_completes_sender(size: int, dtype: str)
     random.Random(size).shuffle(sends)  # one link is FIFO, but slices are independent: order must not matter
     for s in sends:
         assert rcv.on_chunk("alice", wire.decode(wire.encode(s.msg)), to_bytes(s.payload)) == []
+        rcv.flush()
     assert rcv.done and not snd.done
     assert np.array_equal(bits(rcv.result), bits(data))
     snd.on_ack("bob")
@@ -610,3 +613,25 @@ def test_refuses_chunk_with_too_few_bytes_without_state_change() -> None:
     before = (receiver.remaining, set(receiver.seen), receiver.bytes_received)
     expect_refusal(lambda: receiver.on_chunk(sender, s.msg, to_bytes(s.payload)[:-1]))
     assert (receiver.remaining, receiver.seen, receiver.bytes_received) == before
+
+
+def test_in_place_restore_puts_back_every_written_slice() -> None:
+    rng = np.random.default_rng(9)
+    names = ["a", "b", "c"]
+    srcs = {m: rng.standard_normal(3000).astype(np.float32) for m in names}
+    originals = {m: x.copy() for m, x in srcs.items()}
+    ops = {m: ring.AllReduce(ring.OpId(1, "w", 0), names, m, srcs[m], "float32", "sum", 400, out=srcs[m])
+           for m in names}
+    for op in ops.values():
+        op.backup = np.empty_like(op.src)
+    queue = [(m, s) for m, op in ops.items() for s in op.start()]
+    for _ in range(len(queue) * 3):  # deliver part of the traffic, then abort
+        if not queue:
+            break
+        frm, s = queue.pop(0)
+        queue += [(s.to, o) for o in ops[s.to].on_chunk(frm, s.msg, to_bytes(s.payload))]
+        ops[s.to].flush()
+    assert any(not np.array_equal(srcs[m], originals[m]) for m in names), "some slices were written"
+    for m, op in ops.items():
+        op.restore()
+        assert srcs[m].tobytes() == originals[m].tobytes()
