@@ -176,6 +176,7 @@ class OpEngine:
         self.ops[key] = rec
         if core is not None:
             core.alloc = self.pool.take
+            core.checksum = self.parity_digest
             if in_place:
                 core.backup = rec.backup = self.pool.take(work.size, work.dtype)
             for s in core.start():
@@ -220,6 +221,9 @@ class OpEngine:
 
     def _feed(self, rec: OpRecord, sender: str, msg: wire.Chunk, payload: Any, now: float) -> None:
         if rec.state != "running":
+            return
+        if sender not in rec.members:  # not the op's fault: an outsider must not be able to abort it
+            self._suspect(sender, f"protocol: data for op {wire.op_key(*rec.key)}, of which it is no member")
             return
         try:
             if rec.core is None:
