@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", default=None, help="append one JSON line per op attempt to this file")
     p.add_argument("--progress", action="store_true", help="print one line per op to stderr")
     p.add_argument("--no-digest", action="store_true", help="skip the per-op BLAKE2b parity digest")
+    p.add_argument("--max-early-mb", type=float, default=1024,
+                   help="data this peer holds for ops it has not started yet, at most (MiB, default 1024)")
     p.add_argument("--codec", choices=["none", "fp16", "bf16", "int8"], default="none",
                    help="compress all-reduce traffic (lossy; results stay bit-identical on every peer)")
     _timeouts_args(p)
@@ -224,7 +226,8 @@ def cmd_peer(a: argparse.Namespace) -> int:
         return 2
     cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join, advertise=a.advertise,
                      coordinator=a.bootstrap, parity_digest=not a.no_digest, timeouts=_timeouts(a),
-                     slice_bytes=a.slice_bytes, security=_security(a), limits=Limits(streams=a.streams))
+                     slice_bytes=a.slice_bytes, security=_security(a), limits=Limits(streams=a.streams),
+                     max_early_bytes=int(a.max_early_mb * (1 << 20)))
     swarm = Swarm(cfg)
     print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,
                       "bound": swarm.node.transport.addr}), flush=True)

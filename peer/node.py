@@ -228,7 +228,7 @@ class Node:
             self.transport.connect(sender, msg.addr)
             self.addrs.setdefault(sender, msg.addr)
             self._send(sender, wire.Redirect(self.coord_id, self.coord_addr))
-        elif isinstance(msg, wire.Rejoin) and msg.term > self.term:
+        elif isinstance(msg, wire.Rejoin) and msg.term > self.term and sender in self.members:
             # A survivor thinks the coordinator is dead and that I am its successor.
             self.addrs.setdefault(sender, msg.addr)
             if self.state == "member" and self.transport.is_up(self.coord_id) \
@@ -244,7 +244,7 @@ class Node:
     def _from_coordinator(self, sender: str, msg: wire.Message, now: float) -> None:
         term = getattr(msg, "term", None)
         if isinstance(msg, wire.Stale):
-            if sender == self.coord_id or msg.term > self.term:
+            if sender == self.coord_id or (msg.term > self.term and self._may_lead(sender)):
                 self._become_stale(msg, now)
             return
         if isinstance(msg, wire.Redirect):
@@ -270,7 +270,7 @@ class Node:
                 self._note("pending", f"waiting for admission by {sender}")
             return
         if sender != self.coord_id and not (isinstance(msg, wire.EpochUpdate) and
-                                            (term or 0) >= self.term):
+                                            (term or 0) >= self.term and self._may_lead(sender)):
             return
         if isinstance(msg, wire.HeartbeatAck):
             self.last_ack = now
@@ -280,6 +280,12 @@ class Node:
             self.engine.on_verdict(msg, now)
         elif isinstance(msg, wire.TopologyDone):
             self._wake_waiters(None)
+
+    def _may_lead(self, sender: str) -> bool:
+        """Besides our coordinator, only a member of our epoch (a successor) may end our term or install a new
+        epoch: any other authenticated peer could otherwise hijack membership. A joiner has no epoch yet."""
+        return self.state == "joining" or sender in self.members or (
+            self.coord is not None and sender in self.coord.members)
 
     def _send_join(self, addr: str) -> None:
         """Send Join to ``addr``. Reuse a link we already have to that address: a second socket with our
