@@ -29,18 +29,19 @@ from peer.config import PeerConfig, normalize_addr
 from peer.coordinator import Action, Connect, CoordinatorCore, Drop, Out
 from peer.handle import Handle
 from peer.ops import OpEngine, OpSpec
+from peer.failover import FailoverMixin
+from peer.probes import Probes
 
 log = logging.getLogger(__name__)
 
 _TO_COORDINATOR = (wire.Join, wire.Heartbeat, wire.Leave, wire.TopologyVote, wire.OpDone, wire.OpFail,
                    wire.Suspect, wire.Rejoin, wire.BwReport)
-PROBE_PARTS, PROBE_PART_BYTES = 8, 64 * 1024  # a 512 KiB bandwidth probe to every new member
 _FROM_COORDINATOR = (wire.Welcome, wire.HeartbeatAck, wire.EpochUpdate, wire.TopologyDone, wire.OpVerdict,
                      wire.Stale, wire.Redirect)
 SEED = "@seed"
 
 
-class Node:
+class Node(FailoverMixin):
     def __init__(self, cfg: PeerConfig) -> None:
         self.cfg = cfg
         self.t = cfg.timeouts
@@ -79,8 +80,7 @@ class Node:
         self._thread = threading.Thread(target=self._run, name=f"swarm-{self.id}", daemon=True)
         self.error: Optional[BaseException] = None
         self._last_hb = 0.0
-        self._probed: set[str] = set()
-        self._probe_rx: dict[str, tuple[float, int, int]] = {}
+        self.probes = Probes(self._send)
         self._join_addr = ""
         self._last_tick = time.monotonic()
         self.old_coord_id = ""
@@ -214,7 +214,9 @@ class Node:
         elif isinstance(msg, wire.P2PAck):
             self.engine.on_ack(sender, msg, now)
         elif isinstance(msg, wire.BwProbe):
-            self._on_probe(sender, msg, payload, now)
+            rate = self.probes.on_probe(sender, msg, payload)
+            if rate is not None and self.state == "member":
+                self._to_coordinator(wire.BwReport(self.term, self.epoch, sender, rate))
         elif isinstance(msg, _TO_COORDINATOR):
             self._to_coordinator_role(sender, msg, now)
         elif isinstance(msg, _FROM_COORDINATOR):
@@ -335,39 +337,14 @@ class Node:
             if m != self.coord_id:
                 self.transport.disconnect(m)
         self.engine.new_epoch(msg.term, msg.epoch, self.members, msg.reason)
-        self._probe_new_members()
+        if self.cfg.bandwidth_probes:
+            self.probes.probe_new(self.id, self.epoch, self.members)
         self._note("epoch", f"{msg.epoch} {','.join(self.members)} ({msg.reason})")
         log.info("%s: epoch %d members=%s (%s)", self.id, msg.epoch, self.members, msg.reason)
         if new_term:
             self._wake_waiters(None)  # votes cast under the old coordinator are void
         with self.admitted:
             self.admitted.notify_all()
-
-    # ------------------------------------------------------------------ bandwidth probes
-    def _probe_new_members(self) -> None:
-        """Send a small probe to members we have not measured; the receiver reports the rate it saw to the
-        coordinator, which reorders the ring (at a topology vote) when that makes the slowest link faster."""
-        if not self.cfg.bandwidth_probes:
-            return
-        filler = bytes(PROBE_PART_BYTES)
-        for m in self.members:
-            if m != self.id and m not in self._probed:
-                self._probed.add(m)
-                for part in range(PROBE_PARTS):
-                    self._send(m, wire.BwProbe(self.epoch, part, PROBE_PARTS), filler)
-
-    def _on_probe(self, sender: str, msg: wire.BwProbe, payload: Any, now: float) -> None:
-        first, nbytes, seen = self._probe_rx.get(sender, (time.perf_counter(), 0, 0))
-        t = time.perf_counter()
-        if seen:
-            nbytes += len(payload)  # bytes after the first part, over the time since the first part
-        seen += 1
-        if seen < msg.parts:
-            self._probe_rx[sender] = (first, nbytes, seen)
-            return
-        self._probe_rx.pop(sender, None)
-        if t > first and nbytes and self.state == "member":
-            self._to_coordinator(wire.BwReport(self.term, self.epoch, sender, min(nbytes / (t - first), 9e12)))
 
     def _wake_waiters(self, error: Optional[BaseException]) -> None:
         waiters, self.topology_waiters = self.topology_waiters, []
@@ -423,52 +400,6 @@ class Node:
         """(I/O thread) Leave the stale state and ask to be admitted again."""
         self.members, self.epoch = [], 0
         self._begin_join()
-
-    # ------------------------------------------------------------------ failover
-    def _coordinator_dead(self, now: float, why: str) -> None:
-        if self.state != "member" or self.coord is not None:
-            if self.state in ("pending", "joining"):
-                self._note("coordinator_lost", why)
-                self.state = "joining"
-                self._try_join(now)
-            return
-        log.warning("%s: coordinator %s presumed dead (%s)", self.id, self.coord_id, why)
-        self._note("coordinator_lost", f"{self.coord_id}: {why}")
-        self.reform_candidates = [m for m in self.members if m != self.coord_id]
-        self.old_coord_id, self.old_coord_addr = self.coord_id, self.coord_addr
-        self.reform_term = self.term + 1
-        self.state = "reforming"
-        self._next_candidate(now)
-
-    def _next_candidate(self, now: float) -> None:
-        if not self.reform_candidates:
-            self._become_stale(wire.Stale(self.term, self.epoch, self.coord_id, self.coord_addr or self.addr,
-                                          "no successor reachable"), now)
-            self.engine.fail_all(lambda: CoordinatorUnavailable("no coordinator reachable"))
-            return
-        cand = self.reform_candidates[0]
-        rejoin = wire.Rejoin(self.reform_term, self.epoch, self.addr, tuple(self.engine.recent_committed),
-                             tuple(self.engine.awaiting_keys()))
-        if cand == self.id:
-            survivors = [(m, self.addrs[m]) for m in self.reform_candidates]
-            self.coord = CoordinatorCore(self.id, self.addr, self.t, now, swarm=self.cfg.swarm,
-                                         term=self.reform_term,
-                                         epoch=self.epoch, members=survivors,
-                                         reform_expected={m for m, _ in survivors})
-            self._note("coordinator", f"taking over as coordinator, term {self.reform_term}")
-            log.warning("%s: taking over as coordinator (term %d)", self.id, self.reform_term)
-            self.coord_id, self.coord_addr = self.id, self.addr
-            for m, a in survivors:
-                if m != self.id:
-                    self.transport.connect(m, a)
-            self.transport.send(self.id, rejoin)
-            for sender, msg in self.early_rejoins:
-                if msg.term == self.reform_term:
-                    self._apply(self.coord.on_message(sender, msg, now))
-            self.early_rejoins.clear()
-        else:
-            self._send(cand, rejoin)
-        self.reform_deadline = now + self.t.reform_window + self.t.coordinator_timeout
 
     # ------------------------------------------------------------------ timers
     def _tick(self, now: float) -> None:

@@ -1,0 +1,88 @@
+"""Coordinator failover, as seen by a member (mixed into ``peer.node.Node``; runs on its I/O thread).
+
+When the coordinator is presumed dead, the survivors send a ``Rejoin`` (their last epoch and the verdicts
+they hold) to the first surviving member of the last epoch. That member takes the coordinator role in
+reform mode (``CoordinatorCore(reform_expected=...)``); if it does not answer within
+``reform_window + coordinator_timeout``, the next candidate is tried. No candidate left: stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from collectives import wire
+from collectives.errors import CoordinatorUnavailable
+from peer.coordinator import CoordinatorCore
+
+log = logging.getLogger("peer.node")
+
+
+class FailoverMixin:
+    # attributes and methods provided by peer.node.Node
+    id: str
+    addr: str
+    state: str
+    term: int
+    epoch: int
+    members: list[str]
+    addrs: dict[str, str]
+    coord: Any
+    coord_id: str
+    coord_addr: str
+    t: Any
+    cfg: Any
+    engine: Any
+    transport: Any
+    reform_candidates: list[str]
+    reform_term: int
+    reform_deadline: float
+    early_rejoins: list[tuple[str, wire.Rejoin]]
+    old_coord_id: str
+    old_coord_addr: str
+
+    def _coordinator_dead(self, now: float, why: str) -> None:
+        if self.state != "member" or self.coord is not None:
+            if self.state in ("pending", "joining"):
+                self._note("coordinator_lost", why)
+                self.state = "joining"
+                self._try_join(now)
+            return
+        log.warning("%s: coordinator %s presumed dead (%s)", self.id, self.coord_id, why)
+        self._note("coordinator_lost", f"{self.coord_id}: {why}")
+        self.reform_candidates = [m for m in self.members if m != self.coord_id]
+        self.old_coord_id, self.old_coord_addr = self.coord_id, self.coord_addr
+        self.reform_term = self.term + 1
+        self.state = "reforming"
+        self._next_candidate(now)
+
+    def _next_candidate(self, now: float) -> None:
+        if not self.reform_candidates:
+            self._become_stale(wire.Stale(self.term, self.epoch, self.coord_id, self.coord_addr or self.addr,
+                                          "no successor reachable"), now)
+            self.engine.fail_all(lambda: CoordinatorUnavailable("no coordinator reachable"))
+            return
+        cand = self.reform_candidates[0]
+        rejoin = wire.Rejoin(self.reform_term, self.epoch, self.addr, tuple(self.engine.recent_committed),
+                             tuple(self.engine.awaiting_keys()))
+        if cand == self.id:
+            survivors = [(m, self.addrs[m]) for m in self.reform_candidates]
+            self.coord = CoordinatorCore(self.id, self.addr, self.t, now, swarm=self.cfg.swarm,
+                                         term=self.reform_term,
+                                         epoch=self.epoch, members=survivors,
+                                         reform_expected={m for m, _ in survivors})
+            self._note("coordinator", f"taking over as coordinator, term {self.reform_term}")
+            log.warning("%s: taking over as coordinator (term %d)", self.id, self.reform_term)
+            self.coord_id, self.coord_addr = self.id, self.addr
+            for m, a in survivors:
+                if m != self.id:
+                    self.transport.connect(m, a)
+            self.transport.send(self.id, rejoin)
+            for sender, msg in self.early_rejoins:
+                if msg.term == self.reform_term:
+                    self._apply(self.coord.on_message(sender, msg, now))
+            self.early_rejoins.clear()
+        else:
+            self._send(cand, rejoin)
+        self.reform_deadline = now + self.t.reform_window + self.t.coordinator_timeout
+
