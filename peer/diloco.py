@@ -227,7 +227,6 @@ class DiLoCo:
         self.prev_avg: Optional[np.ndarray] = None                  # last committed average
         self.prev_mine: Optional[np.ndarray] = None                 # my part of it (share * my pseudo-grad)
         self.share = 0.0
-        self._w_epoch = -1                                          # epoch of the last weight all-reduce
         self._enter()
 
     # ------------------------------------------------------------------ the optimizer interface
@@ -360,27 +359,21 @@ class DiLoCo:
         return True
 
     def _average(self, mine: np.ndarray, w: float, background: bool = False) -> tuple[float, Any, Any]:
-        """Two all-reduces: the total weight W (exact, float32 sum of sample counts), then my pseudo-
-        gradient scaled by w / W (with the codec), whose sum is the weighted average. Returns (W, average
-        buffer, metrics) — or (W, buffer, handle) in the background. W == 0 (no one has local steps):
-        nothing to average, on every member alike. Rerun as a whole on the survivors after an abort."""
+        """Two all-reduces in one epoch: the total weight W (exact, float32 sum of sample counts), then my
+        pseudo-gradient scaled by w / W (with the codec), whose sum is the weighted average. Returns (W,
+        average, metrics) — or (W, buffer, handle) in the background. W == 0 (no one has local steps):
+        nothing to average, on every member alike. The second op is pinned to the first one's epoch, so if
+        a member is lost in between, every survivor reruns the pair (``with_retry``)."""
         wb = np.array([w], np.float32)
-        self._w_epoch = self.swarm.comm.all_reduce(wb, op="sum", timeout=self.op_timeout)["epoch"]
+        epoch = self.swarm.comm.all_reduce(wb, op="sum", timeout=self.op_timeout)["epoch"]
         if wb[0] <= 0:
             return 0.0, None, {}
         buf = np.multiply(mine, weight_scale(w, wb[0]))
+        comm = self.swarm.comm.pinned(epoch)
         if background:
-            return float(wb[0]), buf, self.swarm.comm.all_reduce_async(buf, op="sum", codec=self.codec)
-        metrics = self.swarm.comm.all_reduce(buf, op="sum", timeout=self.op_timeout, codec=self.codec)
-        self._same_epoch(metrics)
+            return float(wb[0]), buf, comm.all_reduce_async(buf, op="sum", codec=self.codec)
+        metrics = comm.all_reduce(buf, op="sum", timeout=self.op_timeout, codec=self.codec)
         return float(wb[0]), buf, metrics
-
-    def _same_epoch(self, metrics: dict[str, Any]) -> None:
-        """W and the average must come from the same members: if the membership changed between the two
-        ops (both committed, on every member alike), the pair runs again on the new members."""
-        if metrics["epoch"] != self._w_epoch:
-            raise OpAborted(f"members changed between the weight and the average (epoch {self._w_epoch} -> "
-                            f"{metrics['epoch']})", epoch=metrics["epoch"], reason="membership changed")
 
     def _apply(self, total: float, avg: Optional[np.ndarray], lo: int, hi: int, rec: RoundRecord,
                metrics: dict[str, Any], members_before: list[str]) -> None:
@@ -433,7 +426,6 @@ class DiLoCo:
             try:
                 fl.handle.wait(self.op_timeout)
                 metrics = fl.handle.metrics
-                self._same_epoch(metrics)
             except OpAborted:  # every survivor got the same verdict and reruns the average here
                 total, avg, metrics = with_retry(self.swarm, lambda: self._average(fl.mine, fl.w))
         except (OpAborted, DeadlineExceeded) as exc:

@@ -192,25 +192,45 @@ def test_three_peers_match_each_other_and_the_reference(inproc: InProcess) -> No
     assert all(len(by_revision(o)[r].members) == 3 for o in opts for r in range(1, 5))
 
 
-def test_member_killed_mid_sync_survivors_retry_nothing_half_applied(inproc: InProcess) -> None:
-    peers = form(inproc, 3)
-    survivors, victim = peers[:2], peers[2]
+def die_in_average(inproc: InProcess, victim: Swarm, survivors: list[Swarm], nth: int) -> None:
+    """Make ``victim`` crash when it reaches its ``nth`` pseudo-gradient all-reduce (the op after the weight
+    all-reduce, issued on a communicator pinned to that op's epoch): the survivors' ops of that average are
+    already on the wire, waiting for its chunks."""
     calls = {"n": 0}
-    real = victim.comm.all_reduce
+    real_pinned = victim.comm.pinned
 
-    def dying_all_reduce(buf: Any, op: str = "sum", timeout: float = 30, codec: Any = None) -> Any:
-        if np.size(buf) > 1:
+    class Dying:
+        def __init__(self, comm: Any) -> None:
+            self.comm = comm
+
+        def __getattr__(self, name: str) -> Any:  # the shared-state sync pins its ops too
+            return getattr(self.comm, name)
+
+        def _maybe_die(self) -> None:
             calls["n"] += 1
-            if calls["n"] == 3:  # round 3: the weights were summed with us; die inside the average
+            if calls["n"] == nth:
                 deadline = time.monotonic() + 10
-                while not all(s.node.engine.ops for s in survivors):  # they are waiting on our chunks
+                while not all(s.node.engine.ops for s in survivors):
                     assert time.monotonic() < deadline
                     time.sleep(0.01)
                 inproc.crash(victim)
                 raise RuntimeError("killed")
-        return real(buf, op=op, timeout=timeout, codec=codec)
 
-    victim.comm.all_reduce = dying_all_reduce  # type: ignore[method-assign]
+        def all_reduce(self, buf: Any, *a: Any, **kw: Any) -> Any:
+            self._maybe_die()
+            return self.comm.all_reduce(buf, *a, **kw)
+
+        def all_reduce_async(self, buf: Any, *a: Any, **kw: Any) -> Any:
+            self._maybe_die()
+            return self.comm.all_reduce_async(buf, *a, **kw)
+
+    victim.comm.pinned = lambda epoch: Dying(real_pinned(epoch))  # type: ignore[method-assign]
+
+
+def test_member_killed_mid_sync_survivors_retry_nothing_half_applied(inproc: InProcess) -> None:
+    peers = form(inproc, 3)
+    survivors, victim = peers[:2], peers[2]
+    die_in_average(inproc, victim, survivors, nth=3)  # round 3: the weights were summed with it
     results = run_all([lambda s=s, i=i: train(s, i, rounds=5) for i, s in enumerate(peers)])
     assert isinstance(results[2], RuntimeError)
     opts = check(results[:2])
@@ -313,21 +333,7 @@ def test_streaming_fragments_match_the_reference(inproc: InProcess) -> None:
 def test_eager_parity_after_every_commit_and_survives_a_lost_member(inproc: InProcess) -> None:
     peers = form(inproc, 3)
     survivors, victim = peers[:2], peers[2]
-    calls = {"n": 0}
-    real = victim.comm.all_reduce_async
-
-    def dying_launch(buf: Any, op: str = "sum", codec: Any = None) -> Any:
-        calls["n"] += np.size(buf) > 1  # the blocking weight all-reduce comes through here too
-        if calls["n"] == 3 and np.size(buf) > 1:  # round 3's average: the survivors launched theirs and train on; we die
-            deadline = time.monotonic() + 10
-            while not all(s.node.engine.ops for s in survivors):
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            inproc.crash(victim)
-            raise RuntimeError("killed")
-        return real(buf, op=op, codec=codec)
-
-    victim.comm.all_reduce_async = dying_launch  # type: ignore[method-assign]
+    die_in_average(inproc, victim, survivors, nth=3)  # round 3's average: the survivors train on meanwhile
     results = run_all([lambda s=s, i=i: train(s, i, rounds=5, mode="eager") for i, s in enumerate(peers)])
     assert isinstance(results[2], RuntimeError)
     opts = check(results[:2])
