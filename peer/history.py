@@ -66,6 +66,7 @@ def check_records(records: Iterable[dict[str, Any]], elems: int | None = None,
 #   peer     {"t", "peer", "state"}                      up | down | stopped | resumed | cut | healed
 #            ("down" has "how": killed | left | exited | crashed | hung)
 #   untyped  {"t", "peer", "detail"}                     a failure that did not surface as a typed error
+#   start    {"t"}                                       the initial peers are up: the fault window opens
 #   end      {"t"}                                       the end of the fault window
 # ---------------------------------------------------------------------------------------------------------
 
@@ -162,13 +163,14 @@ def check_history(history: list[dict[str, Any]], elems: int | None = None,
     progress = [r["t"] for r in attempts if r.get("committed")]
     ends = [h["t"] for h in history if h.get("type") == "end"]
     t_end = ends[0] if ends else max(progress, default=0.0)
-    t_begin = min(progress, default=t_end)
+    starts = [h["t"] for h in history if h.get("type") == "start"]
+    t_begin = starts[0] if starts else min(progress, default=t_end)
     stall, stall_at = max_stall(progress, live_intervals(history), t_begin, t_end)
     faults = [h for h in history if h.get("type") == "fault"]
     ok = (base["parity_violations"] == 0 and base["partial_commits"] == 0 and base["unrestored_buffers"] == 0
           and not untyped)
     return {**base, "untyped_failures": len(untyped), "untyped": untyped[:20],
-            "max_stall_s": round(stall, 3), "max_stall_at": round(stall_at - t_begin, 3) if progress else None,
+            "max_stall_s": round(stall, 3), "max_stall_at": round(stall_at - t_begin, 3),
             "faults": len(faults), "ok": ok}
 
 

@@ -272,7 +272,8 @@ class Node(FailoverMixin):
                 self._note("pending", f"waiting for admission by {sender}")
             return
         if sender != self.coord_id and not (isinstance(msg, wire.EpochUpdate) and
-                                            (term or 0) >= self.term and self._may_lead(sender)):
+                                            (term or 0) >= self.term and self._may_lead(sender)) \
+                and not self._successor_verdict(sender, msg):
             return
         if isinstance(msg, wire.HeartbeatAck):
             self.last_ack = now
@@ -282,6 +283,13 @@ class Node(FailoverMixin):
             self.engine.on_verdict(msg, now)
         elif isinstance(msg, wire.TopologyDone):
             self._wake_waiters(None)
+
+    def _successor_verdict(self, sender: str, msg: wire.Message) -> bool:
+        """While re-forming, the candidate we sent our Rejoin to resolves our in-doubt ops *before* the
+        EpochUpdate that makes it our coordinator (which aborts whatever is still open): take those verdicts,
+        or an op the old coordinator committed on some members would abort on the others (I2)."""
+        return (isinstance(msg, wire.OpVerdict) and self.state == "reforming" and bool(self.reform_candidates)
+                and sender == self.reform_candidates[0] and msg.term == self.reform_term)
 
     def _may_lead(self, sender: str) -> bool:
         """Besides our coordinator, only a member of our epoch (a successor) may end our term or install a new

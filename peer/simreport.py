@@ -143,7 +143,7 @@ def coordinator_orders_by_bandwidth() -> bool:
 def build_report(cfg: "SimConfig", history: list[dict[str, Any]], check: Optional[dict[str, Any]],
                  bench: list[dict[str, Any]], workdir: Path, hist_path: Path) -> dict[str, Any]:
     meta = next(h for h in history if h.get("type") == "meta")
-    t0 = meta["t"]
+    t0 = next((h["t"] for h in history if h.get("type") == "start"), meta["t"])  # times: from the window start
     attempts = [h for h in history if h.get("type") == "attempt"]
     done = Counter(r["peer"] for r in attempts if r.get("committed"))
     aborted = Counter(r["peer"] for r in attempts if r.get("committed") is False)

@@ -115,11 +115,12 @@ class Simulation:
         self._hist.write(json.dumps(obj) + "\n")
         self._hist.flush()
 
-    def _peer_event(self, name: str, state: str, **kw: Any) -> None:
-        self._record({"type": "peer", "t": time.time(), "peer": name, "state": state, **kw})
+    def _peer_event(self, name: str, state: str, t: Optional[float] = None, **kw: Any) -> None:
+        self._record({"type": "peer", "t": t or time.time(), "peer": name, "state": state, **kw})
 
-    def _fault(self, kind: str, who: str, detail: str = "", **kw: Any) -> None:
-        self._record({"type": "fault", "t": time.time(), "kind": kind, "who": who, "detail": detail, **kw})
+    def _fault(self, kind: str, who: str, detail: str = "", t: Optional[float] = None, **kw: Any) -> None:
+        """Record a fault; ``t``: when it struck, if that was before now (a kill waits for the reaping)."""
+        self._record({"type": "fault", "t": t or time.time(), "kind": kind, "who": who, "detail": detail, **kw})
         self.say(f"{kind} {who} {detail}".rstrip())
 
     # ------------------------------------------------------------------ set-up
@@ -172,8 +173,9 @@ class Simulation:
             args = ["--workload", "bench", "--expect", str(cfg.peers), "--ops", str(cfg.bench_ops),
                     "--warmup", str(cfg.bench_warmup)]
         else:
-            left = max(1.0, self.t_end - time.time() + 2.0)
-            args = ["--duration", f"{left:.1f}", "--pause", str(cfg.pause)]
+            # The simulator stops peers with SIGTERM at the end of the window; --duration is a safety net.
+            end = self.t_end or time.time() + cfg.duration
+            args = ["--duration", f"{end - time.time() + 60:.0f}", "--pause", str(cfg.pause)]
         args += ["--host", ip, "--elems", str(cfg.elems), *cfg.timeout_args]
         if self.proxy is not None:
             host, port = self.proxy.add_route(name, self.net.proxy_host,
@@ -240,8 +242,9 @@ class Simulation:
         if kind == "kill_coordinator":
             if self.coord is not None and self.coord.alive:
                 assert self.lp is not None
+                t = time.time()
                 self.lp.kill(self.coord.name)
-                self._fault(kind, "coordinator", "standalone coordinator (SIGKILL)")
+                self._fault(kind, "coordinator", "standalone coordinator (SIGKILL)", t=t)
                 return
             target = self._acting_coordinator()
             if target is None or len(self.live()) <= 2:
@@ -250,7 +253,11 @@ class Simulation:
             self._kill(target, kind, "peer holding the coordinator role (SIGKILL)")
             return
         target = self.peers.get(f.peer) if f.peer else self._pick(kind)
-        if target is None or target.down or (kind in F.DISRUPTIVE and target not in self.live()):
+        # A named peer may be hit while stopped or cut off (e.g. stall, then kill: surely mid-op); a stall
+        # or partition needs a running, connected one.
+        busy = target is not None and ((kind in ("stall", "leave") and target.stopped) or
+                                       (kind == "partition" and target.cut))
+        if target is None or target.down or target.leaving or busy:
             self._fault("skipped", f.peer, f"{kind}: target not live")
             return
         name = target.name
@@ -303,9 +310,10 @@ class Simulation:
 
     def _kill(self, p: PeerState, kind: str, detail: str) -> None:
         assert self.lp is not None
+        t = time.time()
         self.lp.kill(p.name)
-        self._mark_down(p, "killed")
-        self._fault(kind, p.name, detail)
+        self._mark_down(p, "killed", t=t)
+        self._fault(kind, p.name, detail, t=t)
 
     def _resume(self, p: PeerState) -> None:
         if p.stopped and not p.down:
@@ -339,11 +347,11 @@ class Simulation:
         for _, _, fn in sorted(due, key=lambda t: t[0]):
             fn()
 
-    def _mark_down(self, p: PeerState, how: str, **kw: Any) -> None:
+    def _mark_down(self, p: PeerState, how: str, t: Optional[float] = None, **kw: Any) -> None:
         if p.down:
             return
         p.down = True
-        self._peer_event(p.name, "down", how=how, **kw)
+        self._peer_event(p.name, "down", t=t, how=how, **kw)
         if self.proxy is not None:
             self.proxy.remove_route(p.name)
         if how != "hung":
@@ -377,19 +385,22 @@ class Simulation:
                           "link": cfg.link.describe(), "seed": cfg.seed, "proxy": cfg.proxy,
                           "workload": cfg.workload})
             self.say(f"network: {self.net.describe()}")
+            plan = self._plan()
             self.lp = LocalProcs(self.workdir)
-            self.t0 = time.time()
-            self.t_end = self.t0 + cfg.duration
             self._start_coordinator()
             names = [self._new_name() for _ in range(cfg.peers)]
             if cfg.workload == "bench" and cfg.ring_order == "shuffled":
                 self.rng.shuffle(names)
             for name in names:
                 self._start_peer(name)
+            # The fault window (and every fault's "at") starts once the initial peers are up.
+            self.t0 = time.time()
+            self.t_end = self.t0 + cfg.duration
+            self._record({"type": "start", "t": self.t0})
             if cfg.workload == "bench":
                 self._finish_bench(names)
             else:
-                self._fault_loop()
+                self._fault_loop(plan)
                 self._finish()
         finally:
             try:
@@ -403,6 +414,11 @@ class Simulation:
         plan = list(cfg.schedule)
         if cfg.churn:
             plan += F.random_plan(cfg.seed, cfg.duration, cfg.kinds or self.default_kinds(), cfg.gap)
+        for f in plan:
+            if f.kind in F.PROXY_KINDS and self.proxy is None:
+                raise ValueError(f"fault {f.kind} at {f.at:g}s needs --proxy")
+            if f.kind in F.LINK_KINDS and self.net.mode == "loopback" and self.proxy is None:
+                raise ValueError(f"fault {f.kind} at {f.at:g}s needs namespaces or --proxy")
         return sorted(plan, key=lambda f: f.at)
 
     def default_kinds(self) -> tuple[str, ...]:
@@ -413,11 +429,7 @@ class Simulation:
             kinds += ["reset", "truncate", "delay"]
         return tuple(kinds)
 
-    def _fault_loop(self) -> None:
-        plan = self._plan()
-        for f in plan:
-            if f.kind in F.PROXY_KINDS and self.proxy is None:
-                raise ValueError(f"fault {f.kind} at {f.at}s needs --proxy")
+    def _fault_loop(self, plan: list[F.Fault]) -> None:
         while time.time() < self.t_end:
             self._run_timers()
             self._poll_exits()
@@ -431,6 +443,10 @@ class Simulation:
         self._record({"type": "end", "t": time.time()})
         self.ending = True
         self._run_timers(everything=True)
+        self._poll_exits()
+        for p in self.peers.values():
+            if not p.down:
+                p.proc.popen.send_signal(signal.SIGTERM)  # finish the current op, leave, print "done"
         deadline = time.monotonic() + self.cfg.op_timeout + 30
         for p in list(self.peers.values()):
             if p.down:
