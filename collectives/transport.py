@@ -14,7 +14,8 @@ against the connection's authenticated key, and the ``Hello`` the policy asks fo
 A message refused for authentication is reported as ``Bad`` with an empty (untrusted) sender.
 
 Bounds (I4): zmq drops a connection whose frame exceeds ``max_frame_bytes``, and one that has not finished
-its handshake within ``handshake_ms``; ``rcv_hwm`` bounds the messages queued per sender (back-pressure
+its handshake within ``handshake_ms``; inbound connections beyond ``max_conns_per_address`` from one remote
+address are cut at once; ``rcv_hwm`` bounds the messages queued per sender (back-pressure
 beyond it); every header is decoded by ``collectives.wire`` with its own limits; a message with the wrong
 number of frames or an invalid sender id is reported as ``Bad``.
 """
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
@@ -54,6 +57,7 @@ class Limits:
     io_threads: int = 1  # zmq I/O threads (one saturates loopback here; more help only with many streams)
     streams: int = 1     # TCP connections per neighbour for tensor data (fills long fat WAN pipes)
     handshake_ms: int = 10000  # a connection that has not finished its (security) handshake by then is cut
+    max_conns_per_address: int = 256  # inbound connections from one IP address at once; the excess is cut
 
 
 @dataclass
@@ -131,6 +135,12 @@ class Transport:
         self.poller.register(self.router, zmq.POLLIN)
         if self.zap is not None:
             self.poller.register(self.zap, zmq.POLLIN)
+        # Inbound connections per remote address (I4): counted from the ROUTER's accept/disconnect events.
+        self._accepts = self.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.poller.register(self._accepts, zmq.POLLIN)
+        self._listen_port = int(endpoint.rsplit(":", 1)[1])
+        self._conn_host: dict[int, str] = {}  # fd -> remote host, for accepted connections
+        self.conns_per_host: collections.Counter[str] = collections.Counter()
         self.links: dict[str, _Link] = {}
         self._by_monitor: dict[zmq.Socket, str] = {}
         self._local: collections.deque[Received] = collections.deque()
@@ -237,6 +247,8 @@ class Transport:
                 events.extend(self._drain_router())
             elif sock is self.zap:
                 self._serve_zap()
+            elif sock is self._accepts:
+                self._count_connections()
             elif isinstance(sock, zmq.Socket) and sock in self._by_monitor:
                 events.extend(self._drain_monitor(sock))
         return events, (extra is not None and extra in ready)
@@ -250,6 +262,49 @@ class Transport:
             event = self._parse(frames)
             if event is not None:
                 yield event
+
+    def _count_connections(self) -> None:
+        """Track inbound connections per remote host; cut those beyond ``max_conns_per_address``.
+
+        zmq reports an accepted connection by its fd. We look at the socket through a duplicate fd (never
+        closing zmq's own), and cut an excess connection with ``shutdown``, which zmq then sees as a normal
+        disconnect. An accept whose disconnect is already queued is skipped (its fd may have been reused)."""
+        evs = []
+        while True:
+            try:
+                evs.append(recv_monitor_message(self._accepts, zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        for i, ev in enumerate(evs):
+            fd = ev["value"]
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                host = self._conn_host.pop(fd, None)
+                if host is not None:
+                    self.conns_per_host[host] -= 1
+                    if self.conns_per_host[host] <= 0:
+                        del self.conns_per_host[host]
+            elif not any(e["value"] == fd and e["event"] == zmq.EVENT_DISCONNECTED for e in evs[i + 1:]):
+                self._admit_connection(fd)
+
+    def _admit_connection(self, fd: int) -> None:
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return  # already gone
+        try:
+            if s.getsockname()[1] != self._listen_port:
+                return  # the fd was reused by another socket: not ours to judge
+            host = str(s.getpeername()[0])
+            self._conn_host[fd] = host
+            self.conns_per_host[host] += 1
+            if self.conns_per_host[host] > self.limits.max_conns_per_address:
+                log.warning("%s: more than %d connections from %s; cutting one", self.my_id,
+                            self.limits.max_conns_per_address, host[:64])
+                s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the connection closed while we looked: its disconnect event follows
+        finally:
+            s.close()
 
     def _serve_zap(self) -> None:
         """Answer handshake questions from libzmq (ZAP, RFC 27) with the security policy's decision."""
@@ -341,6 +396,8 @@ class Transport:
         self.closed = True
         for peer in list(self.links):
             self.disconnect(peer)
+        self.router.disable_monitor()
+        self._accepts.close(linger=0)
         self.router.close(linger=0)
         if self.zap is not None:
             self.zap.close(linger=0)
