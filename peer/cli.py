@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-bytes", type=int, default=4 << 20, help="frame size for tensor data")
     p.add_argument("--streams", type=int, default=1,
                    help="TCP connections per neighbour for tensor data (more fill long, fat WAN links)")
+    p.add_argument("--no-bandwidth-probes", action="store_true",
+                   help="do not probe links to new members (the ring then keeps its join order)")
     p.add_argument("--elems", type=int, default=262144, help="float32 elements per all-reduce")
     p.add_argument("--ops", type=int, default=None, help="stop after this many committed ops")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -227,6 +229,7 @@ def cmd_peer(a: argparse.Namespace) -> int:
     cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join, advertise=a.advertise,
                      coordinator=a.bootstrap, parity_digest=not a.no_digest, timeouts=_timeouts(a),
                      slice_bytes=a.slice_bytes, security=_security(a), limits=Limits(streams=a.streams),
+                     bandwidth_probes=not a.no_bandwidth_probes,
                      max_early_bytes=int(a.max_early_mb * (1 << 20)))
     swarm = Swarm(cfg)
     print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,

@@ -8,6 +8,7 @@ from ``peer.proxy``).
         # run a process in it: [*h.exec_prefix, "python", ...]; it must bind h.ip
         fab.set_cable(h, up=False)          # partition: the host's cable is pulled (both directions)
         fab.shape(h, parse_link("5mbit"))   # slow link
+        fab.set_path(h, h2, 20e6)           # a slow path between two hosts (htb class + u32 filter)
     # leaving the block (or close(), or atexit) kills what still runs inside, deletes every namespace and link
 
 Addresses come only from the 198.18.0.0/15 benchmarking range (RFC 2544), one /24 per run picked at random
@@ -33,7 +34,7 @@ import secrets
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ def parse_link(text: str) -> LinkSpec:
     return LinkSpec(parse_rate(up), parse_rate(down or up))
 
 
+def _htb(rate: float, ceil: float) -> list[str]:
+    burst = max(32 * 1024, int(ceil / 8 * 0.01))
+    return ["htb", "rate", f"{int(rate)}bit", "ceil", f"{int(ceil)}bit", "burst", str(burst), "cburst", str(burst),
+            "quantum", "60000"]
+
+
 def tbf_args(bps: float) -> list[str]:
     """tbf parameters: a burst of 10 ms of data (at least 32 KiB, so one GSO super-packet fits) and a queue
     of 50 ms, enough for TCP to keep the link busy without making heartbeats wait long."""
@@ -143,6 +150,7 @@ class Host:
     veth: str          # the root-namespace end (on the bridge)
     link: LinkSpec
     cable_up: bool = True
+    paths: dict[str, float] = field(default_factory=dict)  # destination ip -> bits/s of that path
 
     @property
     def exec_prefix(self) -> list[str]:
@@ -209,12 +217,39 @@ class Fabric:
 
     def shape(self, h: Host, link: LinkSpec) -> None:
         """Set (or lift) the host's upload and download limits; takes effect at once."""
-        for bps, cmd, dev in ((link.up_bps, ["tc", "-n", h.netns], "eth0"), (link.down_bps, ["tc"], h.veth)):
-            if bps is None:
-                _run([*cmd, "qdisc", "del", "dev", dev, "root"], check=False)
-            else:
-                _run([*cmd, "qdisc", "replace", "dev", dev, "root", *tbf_args(bps)])
         h.link = link
+        self._shape_upload(h)
+        if link.down_bps is None:
+            _run(["tc", "qdisc", "del", "dev", h.veth, "root"], check=False)
+        else:
+            _run(["tc", "qdisc", "replace", "dev", h.veth, "root", *tbf_args(link.down_bps)])
+
+    def set_path(self, a: Host, b: Host, bps: float) -> None:
+        """Limit the path between two hosts (both directions) below their access links, e.g. a bad route
+        between two providers: each sender's upload gets an htb class for that destination."""
+        a.paths[b.ip] = bps
+        b.paths[a.ip] = bps
+        self._shape_upload(a)
+        self._shape_upload(b)
+
+    def _shape_upload(self, h: Host) -> None:
+        ns = ["tc", "-n", h.netns]
+        _run([*ns, "qdisc", "del", "dev", "eth0", "root"], check=False)
+        up = h.link.up_bps
+        if not h.paths:
+            if up is not None:
+                _run([*ns, "qdisc", "add", "dev", "eth0", "root", *tbf_args(up)])
+            return
+        # htb: a parent class capped at the upload rate; one child per slow path, the rest in the default.
+        top = up if up is not None else 10e9
+        _run([*ns, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "2"])
+        _run([*ns, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:1", *_htb(top, top)])
+        _run([*ns, "class", "add", "dev", "eth0", "parent", "1:1", "classid", "1:2", *_htb(top / 100, top)])
+        for i, (dst, bps) in enumerate(sorted(h.paths.items()), start=10):
+            rate = min(bps, top)
+            _run([*ns, "class", "add", "dev", "eth0", "parent", "1:1", "classid", f"1:{i}", *_htb(rate, rate)])
+            _run([*ns, "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                  "match", "ip", "dst", f"{dst}/32", "flowid", f"1:{i}"])
 
     def set_cable(self, h: Host, up: bool) -> None:
         """Pull (up=False) or plug back the host's cable: a partition of that host, both directions."""

@@ -1,7 +1,7 @@
 """Where simulated peers live: on loopback, or each in its own network namespace (``peer.netns``).
 
-Both give the simulator the same five calls: ``add`` a host (its address, and the python to start it with),
-``partition`` it, ``shape`` its link, ``remove`` it, ``close`` everything.
+Both give the simulator the same calls: ``add`` a host (its address, and the python to start it with),
+``partition`` it, ``shape`` its link, limit the path between two (``set_path``), ``remove`` it, ``close``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class LoopbackNet:
         px.set_impairment(name, Impairment(px.impairment(name).delay_s, px.impairment(name).jitter_s,
                                            link.down_bps or 0.0))
 
+    def set_path(self, a: str, b: str, bps: float) -> None:
+        raise ValueError("per-path limits need network namespaces")
+
     def remove(self, name: str) -> None:
         return None
 
@@ -83,6 +86,9 @@ class NetnsNet:
 
     def shape(self, name: str, link: LinkSpec) -> None:
         self.fabric.shape(self.fabric.hosts[name], link)
+
+    def set_path(self, a: str, b: str, bps: float) -> None:
+        self.fabric.set_path(self.fabric.hosts[a], self.fabric.hosts[b], bps)
 
     def remove(self, name: str) -> None:
         self.fabric.remove_host(name)

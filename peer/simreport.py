@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from peer import faults as F
-from peer.netns import LinkSpec, parse_link
+from peer.netns import LinkSpec, parse_link, parse_rate
 
 if TYPE_CHECKING:  # imported lazily: every `python -m peer` builds this parser
     from peer.simulate import SimConfig
@@ -60,9 +60,13 @@ def add_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--pause", type=float, default=0.0, help="allreduce: seconds between ops")
     s.add_argument("--ops", type=int, default=3, help="bench: timed all-reduces (default 3)")
     s.add_argument("--warmup", type=int, default=1, help="bench: untimed all-reduces first (default 1)")
-    s.add_argument("--ring-order", choices=["start", "shuffled", "measured"], default="start",
-                   help="bench: ring in start order, in a seeded random order, or as the coordinator "
-                        "orders it from measured bandwidth (needs coordinator support)")
+    s.add_argument("--path", action="append", default=[], metavar="A-B=RATE",
+                   help="limit the path between two peers (both directions) below their links, e.g. a bad "
+                        "route: peer0-peer2=20mbit or 0-2=20mbit (repeatable; namespaces only)")
+    s.add_argument("--ring-order", choices=["measured", "shuffled", "start"], default="measured",
+                   help="bench: peers join in a seeded random order and the coordinator reorders the ring "
+                        "from the bandwidth probes (measured, default), or the ring keeps that random "
+                        "order (shuffled: probes off), or the start order peer0, peer1, ... (start)")
     s.add_argument("--churn", action="store_true", help="random faults from --seed, one at a time")
     s.add_argument("--faults", default="", help=f"churn: comma-separated kinds (default: all the network "
                                                 f"supports); known: {','.join(F.KINDS)}")
@@ -85,6 +89,14 @@ def config_from_args(a: argparse.Namespace) -> "SimConfig":
         if not sep:
             raise ValueError(f"--peer-link {item!r}: expected PEER=RATE")
         peer_links[f"peer{name}" if name.isdigit() else name] = parse_link(spec)
+    paths: dict[tuple[str, str], float] = {}
+    for item in a.path:
+        pair, sep, rate = item.partition("=")
+        x, dash, y = pair.partition("-")
+        if not sep or not dash:
+            raise ValueError(f"--path {item!r}: expected A-B=RATE")
+        ends = tuple(f"peer{n}" if n.isdigit() else n for n in (x, y))
+        paths[(ends[0], ends[1])] = parse_rate(rate)
     lo, _, hi = a.gap.partition(",")
     kinds = tuple(k for k in a.faults.split(",") if k)
     for k in kinds:
@@ -94,7 +106,7 @@ def config_from_args(a: argparse.Namespace) -> "SimConfig":
     return SimConfig(peers=a.peers, duration=a.duration, network=a.network, link=parse_link(a.link),
                      peer_links=peer_links, proxy=a.proxy or a.delay > 0 or a.jitter > 0, delay_s=a.delay,
                      jitter_s=a.jitter, workload=a.workload, elems=elems, pause=a.pause, bench_ops=a.ops,
-                     bench_warmup=a.warmup, ring_order=a.ring_order, churn=a.churn, kinds=kinds,
+                     bench_warmup=a.warmup, ring_order=a.ring_order, paths=paths, churn=a.churn, kinds=kinds,
                      gap=(float(lo), float(hi or lo)),
                      schedule=F.load_schedule(a.schedule) if a.schedule else [],
                      seed=a.seed if a.seed is not None else random.randrange(1 << 31),
@@ -108,10 +120,6 @@ def run_cli(a: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"swarmtrain simulate: {exc}", file=sys.stderr)
         return 2
-    if cfg.workload == "bench" and cfg.ring_order == "measured" and not coordinator_orders_by_bandwidth():
-        print("swarmtrain simulate: --ring-order measured needs the coordinator's bandwidth-aware ring order "
-              "(issue 3), which this build does not have yet", file=sys.stderr)
-        return 2
     from peer.simulate import Simulation
 
     say = (lambda text: None) if a.json else (lambda text: print(f"  {text}", flush=True))
@@ -123,21 +131,6 @@ def run_cli(a: argparse.Namespace) -> int:
     else:
         print_table(rep)
     return 0 if rep.get("ok", True) else 1
-
-
-def coordinator_orders_by_bandwidth() -> bool:
-    """Does ``swarmtrain coordinator`` accept ``--ring-order measured`` (issue 3)?"""
-    import contextlib
-    import io
-
-    from peer.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["coordinator", "--ring-order", "measured"])
-    except SystemExit:
-        return False
-    return True
 
 
 def build_report(cfg: "SimConfig", history: list[dict[str, Any]], check: Optional[dict[str, Any]],
@@ -175,14 +168,29 @@ def build_report(cfg: "SimConfig", history: list[dict[str, Any]], check: Optiona
         sec = max(r["seconds_per_op"] for r in bench)
         nbytes = cfg.elems * 4
         busbw = 2 * (n - 1) / n * nbytes / sec
-        rates = [r for r in (cfg.peer_links.get(f"peer{i}", cfg.link).slowest() for i in range(n)) if r]
+        ring = bench[0].get("ring") or [f"peer{i}" for i in range(n)]
+        bottleneck = ring_bottleneck(cfg, ring)
         rep["bench"] = {"peers": n, "bytes": nbytes, "seconds_per_op": round(sec, 4),
                         "busbw_MBps": round(busbw / 1e6, 3), "busbw_mbit": round(busbw * 8 / 1e6, 2),
-                        "slowest_link_mbit": round(min(rates) / 1e6, 2) if rates else None,
-                        "link_utilisation": round(busbw * 8 / min(rates), 3) if rates else None,
-                        "correct": all(r.get("correct") for r in bench), "ring_order": cfg.ring_order}
+                        "ring": ring, "ring_order": cfg.ring_order,
+                        "slowest_link_mbit": None if bottleneck is None else round(bottleneck / 1e6, 2),
+                        "link_utilisation": None if bottleneck is None else round(busbw * 8 / bottleneck, 3),
+                        "correct": all(r.get("correct") for r in bench),
+                        "paths": {f"{a}-{b}": round(bps / 1e6, 2) for (a, b), bps in cfg.paths.items()}}
         rep["ok"] = rep["bench"]["correct"]
     return rep
+
+
+def ring_bottleneck(cfg: "SimConfig", ring: list[str]) -> Optional[float]:
+    """The slowest hop of the ring, bits/s: sender's upload, receiver's download, the path between them."""
+    hops = []
+    for a, b in zip(ring, [*ring[1:], ring[0]]):
+        la, lb = cfg.peer_links.get(a, cfg.link), cfg.peer_links.get(b, cfg.link)
+        path = cfg.paths.get((a, b), cfg.paths.get((b, a)))
+        rates = [r for r in (la.up_bps, lb.down_bps, path) if r is not None]
+        if rates:
+            hops.append(min(rates))
+    return min(hops) if hops else None
 
 
 def print_table(rep: dict[str, Any]) -> None:
@@ -199,10 +207,11 @@ def print_table(rep: dict[str, Any]) -> None:
     if "bench" in rep:
         b = rep["bench"]
         print(f"\n  all-reduce {b['bytes'] / (1 << 20):g} MiB among {b['peers']} peers "
-              f"(ring order: {b['ring_order']}): {b['seconds_per_op']:.2f} s/op, "
+              f"(ring {' > '.join(b['ring'] or [])}, order: {b['ring_order']}): "
+              f"{b['seconds_per_op']:.2f} s/op, "
               f"bus bandwidth {b['busbw_mbit']:.1f} Mbit/s")
         if b["link_utilisation"] is not None:
-            print(f"  link utilisation {b['link_utilisation']:.3f} of the slowest link "
+            print(f"  link utilisation {b['link_utilisation']:.3f} of the ring's slowest hop "
                   f"({b['slowest_link_mbit']:g} Mbit/s)")
         print(f"  result correct on every peer: {b['correct']}")
     if "ops_committed" in rep:

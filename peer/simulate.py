@@ -61,7 +61,8 @@ class SimConfig:
     pause: float = 0.0
     bench_ops: int = 3
     bench_warmup: int = 1
-    ring_order: str = "start"              # bench: start | shuffled | measured
+    ring_order: str = "measured"           # bench: measured | shuffled | start (see peer/simreport.py)
+    paths: dict[tuple[str, str], float] = field(default_factory=dict)  # (peer, peer) -> bits/s of that path
     churn: bool = False
     kinds: tuple[str, ...] = ()            # churn: fault kinds (default: every kind this network supports)
     gap: tuple[float, float] = (3.0, 8.0)  # churn: seconds between one fault's end and the next
@@ -158,8 +159,6 @@ class Simulation:
         assert self.lp is not None
         ip, python = self.net.add("coord", LinkSpec())
         extra = ["--host", ip, *self.cfg.timeout_args]
-        if self.cfg.workload == "bench" and self.cfg.ring_order == "measured":
-            extra += ["--ring-order", "measured"]
         with self._spawning_with(python):
             self.coord = self.lp.coordinator("coordinator", extra=extra)
         self.say(f"coordinator on {self.coord.addr}")
@@ -169,9 +168,15 @@ class Simulation:
         cfg = self.cfg
         link = cfg.peer_links.get(name, cfg.link)
         ip, python = self.net.add(name, link)
+        for (a, b), bps in cfg.paths.items():
+            other = b if a == name else a if b == name else None
+            if other is not None and other in self.peers:
+                self.net.set_path(name, other, bps)
         if cfg.workload == "bench":
             args = ["--workload", "bench", "--expect", str(cfg.peers), "--ops", str(cfg.bench_ops),
                     "--warmup", str(cfg.bench_warmup)]
+            if cfg.ring_order != "measured":
+                args.append("--no-bandwidth-probes")  # keep the join order
         else:
             # The simulator stops peers with SIGTERM at the end of the window; --duration is a safety net.
             end = self.t_end or time.time() + cfg.duration
@@ -389,8 +394,8 @@ class Simulation:
             self.lp = LocalProcs(self.workdir)
             self._start_coordinator()
             names = [self._new_name() for _ in range(cfg.peers)]
-            if cfg.workload == "bench" and cfg.ring_order == "shuffled":
-                self.rng.shuffle(names)
+            if cfg.workload == "bench" and cfg.ring_order != "start":
+                self.rng.shuffle(names)  # the ring starts in join order
             for name in names:
                 self._start_peer(name)
             # The fault window (and every fault's "at") starts once the initial peers are up.
@@ -414,6 +419,8 @@ class Simulation:
         plan = list(cfg.schedule)
         if cfg.churn:
             plan += F.random_plan(cfg.seed, cfg.duration, cfg.kinds or self.default_kinds(), cfg.gap)
+        if cfg.paths and self.net.mode != "netns":
+            raise ValueError("per-path limits (--path) need network namespaces")
         for f in plan:
             if f.kind in F.PROXY_KINDS and self.proxy is None:
                 raise ValueError(f"fault {f.kind} at {f.at:g}s needs --proxy")
@@ -426,7 +433,7 @@ class Simulation:
         if self.net.mode == "netns" or self.proxy is not None:
             kinds += ["partition", "slow"]
         if self.proxy is not None:
-            kinds += ["reset", "truncate", "delay"]
+            kinds += ["reset", "truncate", "corrupt", "delay"]
         return tuple(kinds)
 
     def _fault_loop(self, plan: list[F.Fault]) -> None:

@@ -163,6 +163,8 @@ def run_bench(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     for _ in range(warmup):
         swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
         x.fill(1.0)
+    if swarm.peers_pending:  # e.g. a faster ring order from the bandwidth probes: apply it before timing
+        swarm.update_topology(timeout=timeout)
     swarm.comm.barrier(timeout=timeout)
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -176,7 +178,7 @@ def run_bench(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     rel_error = float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
     swarm.comm.barrier(timeout=timeout)
     return {"peer": swarm.id, "seconds_per_op": elapsed / iters, "correct": ok, "members": len(members),
-            "rel_error": rel_error}
+            "rel_error": rel_error, "ring": members}
 
 
 def run_catchup(swarm: Swarm, state_mb: float, joiner: bool, expect: int, timeout: float = 300.0

@@ -172,6 +172,22 @@ def test_resets_truncation_and_corrupted_bytes_through_the_proxy(tmp_path: Path)
     assert run.rep["max_stall_s"] < 10
 
 
+@needs_netns
+@pytest.mark.timeout(120)
+def test_bench_workload_reports_utilisation_against_the_slowest_hop(tmp_path: Path) -> None:
+    # A slow route between peer0 and peer1; with 3 peers every ring uses it, so it paces the all-reduce.
+    cfg = SimConfig(peers=3, network="netns", link=parse_link("40mbit"), paths={("peer0", "peer1"): 8e6},
+                    workload="bench", elems=(2 << 20) // 4, bench_ops=2, bench_warmup=1, seed=3,
+                    timeout_args=list(CHAOS_ARGS), workdir=tmp_path / "run")
+    sim = Simulation(cfg)
+    rep = sim.run()
+    _assert_cleaned_up(sim)
+    b = rep["bench"]
+    assert b["correct"] and b["peers"] == 3
+    assert 0.3 < b["link_utilisation"] <= 1.05, b  # against the slowest hop of the ring it ended with
+    assert b["slowest_link_mbit"] == 8.0, b        # with 3 peers every ring has the slow hop
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.timeout(90)
 def test_interrupted_run_cleans_up_everything(tmp_path: Path, sig: int) -> None:

@@ -128,6 +128,10 @@ def test_fabric_shapes_partitions_and_leaves_nothing_behind() -> None:
                                               timeout=10).stdout
         fab.set_cable(a, up=True)
         fab.shape(b, parse_link("10mbit"))
+        fab.set_path(a, b, 5e6)  # a slow route between a and b: an htb class + u32 filter on each sender
+        classes = subprocess.run(["tc", "-n", a.netns, "class", "show", "dev", "eth0"], capture_output=True,
+                                 text=True, timeout=10).stdout
+        assert "5Mbit" in classes and "50Mbit" in classes
         suffix = fab.suffix
         assert len(leftovers(suffix)) == 5  # bridge, 2 namespaces, 2 veths
     assert leftovers(suffix) == []
