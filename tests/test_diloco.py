@@ -393,3 +393,29 @@ def test_misuse_and_lr_scheduler(inproc: InProcess) -> None:
 
     out = check(run_all([lambda: run(0), lambda: run(1)]))
     assert out[0] == pytest.approx([LR, LR / 2, LR / 2, LR / 4, LR / 4, LR / 8])
+
+
+def test_example_corpus_split_is_by_file_and_the_png_writer_writes_a_valid_png(tmp_path: Any) -> None:
+    import struct
+    import zlib
+
+    from examples.charlm import CharLM, LMConfig, is_validation, load_corpus, stdlib_files
+    from examples.pngplot import Mark, Series, line_plot
+
+    files = stdlib_files()
+    assert files and all("/test/" not in f.as_posix() for f in files)
+    assert is_validation("json/decoder.py") == is_validation("json/decoder.py")  # a pure function of the path
+    corpus = load_corpus(max_bytes=100_000)
+    assert corpus.train.numel() == 100_000 and corpus.val.numel() > 10_000 and corpus.val_files > 0
+    x, y = corpus.batch("train", 2, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    assert CharLM(LMConfig(block=16)).loss(x, y).item() == pytest.approx(np.log(256), rel=0.05)
+    path = tmp_path / "p.png"
+    line_plot(path, [Series("a", [0, 1, 2], [3.0, 2.0, 1.5])], title="t", marks=[Mark(1, "kill")],
+              width=120, height=80)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    idat = data.index(b"IDAT")
+    (n,) = struct.unpack(">I", data[idat - 4:idat])
+    assert (w, h) == (120, 80) and len(zlib.decompress(data[idat + 4:idat + 4 + n])) == h * (1 + 3 * w)

@@ -1,0 +1,340 @@
+"""Does DiLoCo's claim hold at toy scale? 4 workers simulated in one process (exact averaging, no network).
+
+    python -m examples.diloco_experiment --out runs/diloco_experiment     # ~35 CPU-minutes on 1 core
+    python -m examples.diloco_experiment --plot-only --out runs/diloco_experiment
+
+Every arm sees the same data (each worker its own stream of random windows of stdlib source) and the same
+initial weights per seed; every multi-worker arm processes the same total tokens (4 workers x STEPS steps x
+BATCH windows). Arms:
+
+- ``single``: one worker alone, STEPS steps (a quarter of the tokens): what one machine reaches in the time;
+- ``sync``: synchronous data parallel, gradients averaged every step (= one model on the 4 workers' batches);
+- ``diloco-H``: H inner AdamW steps per worker, then the average pseudo-gradient takes an outer Nesterov step
+  (lr 0.7, momentum 0.9; ``peer.diloco.outer_sgd``, the code the swarm runs);
+- ``avg-H``: plain parameter averaging every H steps (outer lr 1, no momentum).
+
+For every arm the inner learning rate is swept on the first seed (an untuned baseline would flatter DiLoCo);
+the other seeds run at each arm's best LR, and the table reports the mean over seeds at that LR. Pass: the best DiLoCo arm with >= 10x fewer syncs than ``sync`` closes >= 60 %
+of the gap between ``single`` and ``sync``, and Nesterov is no worse than plain averaging at the same H.
+Writes ``results.jsonl`` (every run, appended as it finishes; a rerun skips what is there), ``summary.json`` and ``loss.png`` (validation loss curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from examples.charlm import CharLM, Corpus, LMConfig, evaluate, load_corpus
+from peer.diloco import flatten_params, load_params, outer_sgd
+
+WORKERS, BATCH = 4, 16
+STEPS = int(os.environ.get("DILOCO_EXPERIMENT_STEPS", "600"))  # steps per worker (--steps sets it)
+MODEL = LMConfig(width=64, layers=2, heads=4, block=64)
+EVAL_EVERY, VAL_WINDOWS = 100, 256
+WARMUP = 30           # inner LR warm-up steps, then cosine decay to 10 %
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: str          # single | sync | diloco | avg
+    H: int            # sync interval (1 for sync, 0 for single)
+    lr: float         # inner learning rate
+    seed: int
+    warm_sync: int = 0  # synchronous steps before the first DiLoCo round (the pilot's warm-up)
+    outer_lr: float = 0.7  # DiLoCo's outer learning rate (Nesterov, momentum 0.9); averaging uses 1.0
+
+    @property
+    def key(self) -> tuple[str, int, float, int, int, float]:
+        return (self.arm, self.H, self.lr, self.seed, self.warm_sync, self.outer_lr if self.arm == "diloco" else 0.0)
+
+    @property
+    def name(self) -> str:
+        base = self.arm if self.arm in ("single", "sync") else f"{self.arm}-{self.H}"
+        return base + (f"-warm{self.warm_sync}" if self.warm_sync else "")
+
+    @property
+    def syncs(self) -> int:
+        if self.arm == "single":
+            return 0
+        if self.arm == "sync":
+            return STEPS
+        return self.warm_sync + math.ceil((STEPS - self.warm_sync) / self.H)
+
+
+def lr_at(step: int, peak: float) -> float:
+    if step < WARMUP:
+        return peak * (step + 1) / WARMUP
+    t = (step - WARMUP) / max(1, STEPS - WARMUP)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def run_one(run: Run, corpus: Corpus) -> dict[str, Any]:
+    torch.manual_seed(run.seed)
+    base = CharLM(MODEL)
+    val = corpus.val_windows(MODEL.block, VAL_WINDOWS)
+    n = 1 if run.arm == "single" else WORKERS
+    gens = [torch.Generator().manual_seed(10_000 * run.seed + w) for w in range(n)]
+    curve: list[tuple[int, float]] = [(0, evaluate(base, val))]
+    t0 = time.time()
+    model = base
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sync_steps = STEPS if run.arm in ("single", "sync") else run.warm_sync
+    for step in range(sync_steps):
+        xs, ys = zip(*(g_batch(corpus, g) for g in gens))
+        x, y = torch.cat(xs), torch.cat(ys)                   # sync: the 4 workers' batches, averaged
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, run.lr)
+        model.loss(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % EVAL_EVERY == 0:
+            curve.append((step + 1, evaluate(model, val)))
+    if run.arm in ("diloco", "avg"):
+        # each worker starts from the (warmed-up) model with a copy of its inner optimizer state
+        models = [copy.deepcopy(model) for _ in range(n)]
+        params = [list(m.parameters()) for m in models]
+        opts = []
+        for m in models:
+            o = torch.optim.AdamW(m.parameters(), lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0)
+            o.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opts.append(o)
+        theta = flatten_params(params[0])
+        mom = np.zeros_like(theta)
+        outer_lr, mu, nesterov = (run.outer_lr, 0.9, True) if run.arm == "diloco" else (1.0, 0.0, False)
+        step = sync_steps
+        while step < STEPS:
+            h = min(run.H, STEPS - step)
+            for w in range(n):
+                for k in range(h):
+                    for group in opts[w].param_groups:
+                        group["lr"] = lr_at(step + k, run.lr)
+                    x, y = g_batch(corpus, gens[w])
+                    models[w].loss(x, y).backward()
+                    opts[w].step()
+                    opts[w].zero_grad(set_to_none=True)
+            deltas = [theta - flatten_params(p) for p in params]       # pseudo-gradients, (N,) each
+            avg = np.mean(deltas, axis=0, dtype=np.float32)             # exact averaging of 4 workers
+            outer_sgd(theta, mom, avg, outer_lr, mu, nesterov, np.empty_like(avg))
+            for p in params:
+                load_params(p, theta)
+            prev, step = step, step + h
+            if step // EVAL_EVERY > prev // EVAL_EVERY:
+                curve.append((step, evaluate(models[0], val)))
+        model = models[0]
+    return {**asdict(run), "name": run.name, "syncs": run.syncs, "val_loss": evaluate(model, val),
+            "curve": curve, "seconds": round(time.time() - t0, 1),
+            "tokens": STEPS * BATCH * MODEL.block * n}
+
+
+def g_batch(corpus: Corpus, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return corpus.batch("train", BATCH, MODEL.block, g)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+_CORPUS: Optional[Corpus] = None
+
+
+def _worker(run: Run) -> dict[str, Any]:
+    global _CORPUS
+    torch.set_num_threads(1)
+    if _CORPUS is None:
+        _CORPUS = load_corpus()
+    return run_one(run, _CORPUS)
+
+
+def grid(lrs: list[float], seed: int, hs: list[int], outer_lrs: list[float], warm: bool) -> list[Run]:
+    runs = []
+    for lr in lrs:
+        runs += [Run("single", 0, lr, seed), Run("sync", 1, lr, seed)]
+        runs += [Run("avg", h, lr, seed) for h in hs]
+        runs += [Run("diloco", h, lr, seed, outer_lr=o) for h in hs for o in outer_lrs]
+        if warm:
+            runs.append(Run("diloco", 25, lr, seed, warm_sync=150))
+    return runs
+
+
+def _key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["arm"], r["H"], r["lr"], r["seed"], r["warm_sync"], r["outer_lr"] if r["arm"] == "diloco" else 0.0)
+
+
+def best_configs(results: list[dict[str, Any]], seed: int) -> dict[str, dict[str, Any]]:
+    """Per arm, the run (inner LR, and outer LR for DiLoCo) with the lowest validation loss on the sweep seed."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r["seed"] == seed and (r["name"] not in best or r["val_loss"] < best[r["name"]]["val_loss"]):
+            best[r["name"]] = r
+    return best
+
+
+def edge_extensions(results: list[dict[str, Any]], seed: int) -> list[Run]:
+    """If an arm's best inner LR is the smallest or largest it was tried with (at its best outer LR), one more
+    run a factor 2 beyond it: the sweep should bracket every arm's optimum."""
+    out = []
+    for name, b in best_configs(results, seed).items():
+        tried = sorted({r["lr"] for r in results if r["name"] == name and r["seed"] == seed
+                        and r.get("outer_lr") == b.get("outer_lr")})
+        if len(tried) < 2:
+            continue
+        for edge, lr in ((tried[0], b["lr"] / 2), (tried[-1], b["lr"] * 2)):
+            if b["lr"] == edge:
+                out.append(Run(b["arm"], b["H"], lr, seed, b["warm_sync"], b.get("outer_lr", 0.7)))
+    return out
+
+
+def summarize(results: list[dict[str, Any]], sweep_seed: int) -> dict[str, Any]:
+    """The configuration picked per arm on the sweep seed, the mean over seeds there, and the pass criterion."""
+    picked = best_configs(results, sweep_seed)
+    table = {}
+    for name, b in picked.items():
+        rs = [r for r in results if _key(r)[:3] + _key(r)[4:] == _key(b)[:3] + _key(b)[4:]]
+        sweep = {}
+        for r in sorted(results, key=lambda r: (r.get("outer_lr", 0), r["lr"])):
+            if r["name"] == name and r["seed"] == sweep_seed:
+                k = f"{r['lr']:g}" + (f"/{r['outer_lr']:g}" if r["arm"] == "diloco" else "")
+                sweep[k] = round(r["val_loss"], 4)
+        lrs = sorted({r["lr"] for r in results if r["name"] == name and r["seed"] == sweep_seed
+                      and r.get("outer_lr") == b.get("outer_lr")})
+        table[name] = {"lr": b["lr"], "outer_lr": b.get("outer_lr") if b["arm"] == "diloco" else None,
+                       "val_loss": float(np.mean([r["val_loss"] for r in rs])),
+                       "seeds": {r["seed"]: round(r["val_loss"], 4) for r in rs}, "syncs": b["syncs"],
+                       "sweep": sweep, "best_at_grid_edge": len(lrs) > 1 and b["lr"] in (lrs[0], lrs[-1])}
+    out: dict[str, Any] = {"table": table, "sweep_seed": sweep_seed}
+    if "single" in table and "sync" in table:
+        single, sync = table["single"]["val_loss"], table["sync"]["val_loss"]
+        gap = single - sync
+        for name, row in table.items():
+            row["gap_closed"] = (single - row["val_loss"]) / gap if gap > 0 else float("nan")
+        cands = [n for n, r in table.items() if n.startswith("diloco") and r["syncs"] * 10 <= table["sync"]["syncs"]]
+        best = max(cands, key=lambda n: table[n]["gap_closed"]) if cands else None
+        nesterov_ok = {h: table[f"diloco-{h}"]["val_loss"] <= table[f"avg-{h}"]["val_loss"]
+                       for h in (10, 25, 50) if f"diloco-{h}" in table and f"avg-{h}" in table}
+        out.update(best_diloco=best, best_gap_closed=table[best]["gap_closed"] if best else None,
+                   nesterov_no_worse=nesterov_ok,
+                   passed=bool(best and table[best]["gap_closed"] >= 0.6 and all(nesterov_ok.values())))
+    return out
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    t = summary["table"]
+    order = sorted(t, key=lambda n: (n not in ("single", "sync"), n.split("-")[0], int((n.split("-") + ["0"])[1])))
+    print(f"\n{'arm':<20}{'lr':>11}{'val loss':>10}{'per seed':>16}{'syncs':>7}{'gap closed':>12}"
+          f"   sweep (seed {summary['sweep_seed']}: inner lr[/outer lr] -> loss)")
+    for n in order:
+        r = t[n]
+        seeds = "/".join(f"{v:.3f}" for v in r["seeds"].values())
+        edge = " (best at grid edge)" if r["best_at_grid_edge"] else ""
+        sweep = ", ".join(f"{k}: {v:.3f}" for k, v in r["sweep"].items())
+        lr = f"{r['lr']:g}" + (f"/{r['outer_lr']:g}" if r["outer_lr"] is not None else "")
+        print(f"{n:<20}{lr:>11}{r['val_loss']:>10.3f}{seeds:>16}{r['syncs']:>7}"
+              f"{100 * r.get('gap_closed', float('nan')):>11.0f}%   {sweep}{edge}")
+    if "passed" in summary:
+        print(f"\nbest DiLoCo with >= 10x fewer syncs: {summary['best_diloco']} closes "
+              f"{100 * summary['best_gap_closed']:.0f}% of the single->sync gap; Nesterov no worse than "
+              f"averaging: {summary['nesterov_no_worse']}; PASS={summary['passed']}")
+
+
+def bytes_per_outer_step(n_params: int, workers: int = WORKERS) -> dict[str, int]:
+    """Bytes each peer sends for one outer step's pseudo-gradient all-reduce (ring: 2(n-1)/n x payload),
+    plus the 4-byte weight all-reduce; codecs change the payload width (int8: +8 header bytes per slice)."""
+    ring = 2 * (workers - 1) / workers
+    width = {"none": 4, "fp16": 2, "bf16": 2, "int8": 1}
+    return {c: int(ring * (n_params * w + 4)) for c, w in width.items()}
+
+
+def plot(results: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    from examples.pngplot import Series, line_plot
+    best = {n: (r["lr"], r["outer_lr"]) for n, r in summary["table"].items()}
+    colors = {"single": (120, 120, 120), "sync": (0, 0, 0), "diloco-10": (31, 119, 180), "diloco-25": (44, 160, 44),
+              "diloco-50": (214, 39, 40), "avg-10": (148, 103, 189), "avg-25": (140, 86, 75),
+              "avg-50": (227, 119, 194), "diloco-25-warm150": (255, 127, 14)}
+    series = []
+    for name, (lr, olr) in best.items():
+        runs = [r for r in results if r["name"] == name and r["lr"] == lr
+                and (olr is None or r.get("outer_lr") == olr)]
+        steps = [s for s, _ in runs[0]["curve"]][1:]
+        ys = [float(np.mean([dict(r["curve"])[s] for r in runs])) for s in steps]
+        label = f"{name} lr={lr:g}" + (f" outer={olr:g}" if olr is not None else "")
+        series.append(Series(label, steps, ys, colors.get(name, (0, 128, 128)),
+                             dashed=name.startswith("avg")))
+    line_plot(path, series, title="DiLoCo vs data parallel, 4 workers (val loss, mean of seeds, best lr)",
+              xlabel="steps per worker", ylabel="validation loss (nats/byte)")
+
+
+def _run_all(runs: list[Run], done: list[dict[str, Any]], res_path: Path, jobs: int) -> None:
+    have = {_key(r) for r in done}
+    todo = [r for r in runs if r.key not in have]
+    todo.sort(key=lambda r: r.arm == "single")  # longest first, so the workers finish together
+    print(f"{len(todo)} runs to do ({len(runs) - len(todo)} already in {res_path})", flush=True)
+    if not todo:
+        return
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(jobs) as pool, open(res_path, "a") as f:
+        for i, r in enumerate(pool.imap_unordered(_worker, todo)):
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            done.append(r)
+            print(f"[{time.time() - t0:6.0f}s] {i + 1}/{len(todo)} {r['name']:<18} lr={r['lr']:<7g} "
+                  f"seed={r['seed']} val={r['val_loss']:.3f} ({r['seconds']:.0f}s)", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/diloco_experiment", help="output directory")
+    ap.add_argument("--lrs", default="0.002,0.004,0.008", help="inner learning rates to sweep")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--H", default="10,25,50", help="sync intervals for DiLoCo and averaging")
+    ap.add_argument("--outer-lrs", default="0.2,0.4,0.7", help="DiLoCo outer learning rates to sweep")
+    ap.add_argument("--warm", action="store_true", help="add DiLoCo H=25 after 150 synchronous steps (pilot)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (1 thread each)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per worker (default 600; small for a smoke run)")
+    ap.add_argument("--plot-only", action="store_true", help="re-render the table and plot from results.jsonl")
+    a = ap.parse_args()
+    if a.steps is not None:  # workers are spawned processes: they read it from the environment
+        os.environ["DILOCO_EXPERIMENT_STEPS"] = str(a.steps)
+        global STEPS
+        STEPS = a.steps
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "results.jsonl"
+    done = [json.loads(l) for l in res_path.read_text().splitlines() if l.strip()] if res_path.exists() else []
+    seeds = [int(x) for x in a.seeds.split(",")]
+    if not a.plot_only:
+        # phase 1: the LR sweep on the first seed (extended once where an optimum sits at the grid's edge);
+        # phase 2: the other seeds at each arm's best configuration
+        sweep = grid([float(x) for x in a.lrs.split(",")], seeds[0], [int(x) for x in a.H.split(",")],
+                     [float(x) for x in a.outer_lrs.split(",")], a.warm)
+        _run_all(sweep, done, res_path, a.jobs)
+        _run_all(edge_extensions(done, seeds[0]), done, res_path, a.jobs)
+        picked = best_configs(done, seeds[0])
+        confirm = [Run(b["arm"], b["H"], b["lr"], seed, b["warm_sync"], b.get("outer_lr", 0.7))
+                   for seed in seeds[1:] for b in picked.values()]
+        _run_all(confirm, done, res_path, a.jobs)
+    summary = summarize(done, seeds[0])
+    n_params = sum(p.numel() for p in CharLM(MODEL).parameters())
+    summary["model_params"] = n_params
+    summary["bytes_per_outer_step_per_peer"] = bytes_per_outer_step(n_params)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_table(summary)
+    print(f"\nbytes each peer sends per outer step (model {n_params} params, {WORKERS} peers): "
+          f"{summary['bytes_per_outer_step_per_peer']}")
+    try:
+        plot(done, summary, out / "loss.png")
+        print(f"wrote {out / 'summary.json'}, {out / 'loss.png'}")
+    except ImportError:
+        print(f"wrote {out / 'summary.json'} (no plot: examples/pngplot.py missing)")
+
+
+if __name__ == "__main__":
+    main()

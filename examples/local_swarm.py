@@ -1,0 +1,258 @@
+"""The main job: a coordinator and 4 local peers train a byte-level transformer LM on the Python stdlib with
+DiLoCo, while one peer is killed (SIGKILL) and a new one joins partway. Ends with a table and a PNG plot.
+
+    python -m examples.local_swarm                        # ~3 minutes on 2 CPU cores
+    python -m examples.local_swarm --outer-steps 40       # shorter
+    python -m examples.local_swarm --workdir runs/swarm   # keep logs, events, the plot
+
+Every process it starts is killed and reaped when it ends, also on errors or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Optional
+
+from examples.train_swarm import format_round
+from peer.procs import REPO_ROOT, LocalProcs, Proc
+
+# failure detection sized for one loaded machine (the defaults are sized for the internet)
+FAST = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--coordinator-timeout", "3",
+        "--reform-window", "1.5"]
+
+
+class TrainProcs(LocalProcs):
+    """LocalProcs that can also start ``examples.train_swarm`` peers (same env, security and clean-up).
+    They start without waiting: each loads torch and the corpus (seconds) in parallel with the others."""
+
+    def trainer(self, name: str, join: list[str], extra: list[str], hold: bool = False) -> Proc:
+        args = ["--id", name, "--join", ",".join(join), "--events", *self.security_args(name), *extra]
+        if hold:
+            args.append("--hold")
+        stderr_path = self.workdir / f"{name}.log"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        err: IO[str] = open(stderr_path, "a", encoding="utf-8")
+        try:
+            popen = subprocess.Popen([self.python, "-m", "examples.train_swarm", *args], stdout=subprocess.PIPE,
+                                     stderr=err, stdin=subprocess.PIPE if hold else subprocess.DEVNULL,
+                                     text=True, env=env, cwd=str(self.workdir))
+        finally:
+            err.close()
+        proc = Proc(name, popen, stderr_path=stderr_path)
+        self.procs[name] = proc
+        return proc
+
+    def release(self, name: str) -> None:
+        """Let a ``hold`` trainer join the swarm now."""
+        stdin = self.procs[name].popen.stdin
+        assert stdin is not None
+        stdin.write("go\n")
+        stdin.flush()
+
+
+class Events:
+    """Reads the JSON event lines of every trainer as they come, prints them readably, keeps them."""
+
+    def __init__(self, t0: float, log_path: Path) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.t0 = t0
+        self.all: list[dict[str, Any]] = []
+        self.done: dict[str, dict[str, Any]] = {}
+        self.last: dict[str, dict[str, Any]] = {}
+        self.revision = 0
+        self.eof: set[str] = set()
+        self.log = open(log_path, "a", encoding="utf-8")
+
+    def watch(self, proc: Proc) -> None:
+        assert proc.popen.stdout is not None
+        fd = proc.popen.stdout.fileno()
+        os.set_blocking(fd, False)
+        self.sel.register(fd, selectors.EVENT_READ, (proc, bytearray()))
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
+
+    def poll(self, timeout: float) -> None:
+        # raw reads: a buffered readline() would hide lines that already left the pipe from select()
+        for key, _ in self.sel.select(timeout):
+            proc, buf = key.data
+            try:
+                chunk = os.read(key.fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                self.sel.unregister(key.fd)
+                self.eof.add(proc.name)
+                continue
+            buf += chunk
+            while b"\n" in buf:
+                raw, _, rest = bytes(buf).partition(b"\n")
+                buf[:] = rest
+                self._handle(proc, raw)
+
+    def _handle(self, proc: Proc, raw: bytes) -> None:
+        try:
+            e = json.loads(raw)
+        except json.JSONDecodeError:
+            return
+        e.setdefault("peer", proc.name)
+        e["wall"] = time.time()
+        self.all.append(e)
+        self.log.write(json.dumps(e) + "\n")
+        self.log.flush()
+        if e.get("event") == "round":
+            self.last[proc.name] = e
+            self.revision = max(self.revision, e["revision"])
+            print(f"[{time.monotonic() - self.t0:6.1f}s] {format_round(e)}", flush=True)
+        elif e.get("event") == "done":
+            self.done[proc.name] = e
+        elif e.get("event") == "listening":
+            self.say(f"[{proc.name}] up on {e['addr']} (model: {e['params']} parameters)")
+
+    def close(self) -> None:
+        self.sel.close()
+        self.log.close()
+
+
+def run(a: argparse.Namespace) -> int:
+    workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="swarmtrain-train-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    names = [f"peer{i}" for i in range(a.peers)]
+    joiner = f"peer{a.peers}"
+    train_args = ["--outer-steps", str(a.outer_steps), "--inner-steps", str(a.inner_steps), "--mode", a.mode,
+                  "--codec", a.codec, "--lr", str(a.lr), *FAST]
+    faults: list[dict[str, Any]] = []
+    ev = Events(t0, workdir / "events.jsonl")
+    with TrainProcs(workdir) as lp:
+        coord = lp.coordinator(extra=FAST)
+        ev.say(f"coordinator listening on {coord.addr}; {a.peers} peers load the stdlib corpus and start")
+        for n in names:
+            ev.watch(lp.trainer(n, [coord.hostport], [*train_args, "--wait-for", str(a.peers)]))
+        # the late joiner starts now too (loading takes seconds) but holds until it is told to join
+        ev.watch(lp.trainer(joiner, [coord.hostport], train_args, hold=True))
+        kill_at, join_at = int(a.outer_steps * a.kill_at), int(a.outer_steps * a.join_at)
+        killed = joined = False
+        victim = names[1]
+        deadline = time.monotonic() + a.timeout
+        while len(ev.done) < a.peers + 1 - (1 if killed else 0):
+            ev.poll(0.2)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the swarm did not finish within {a.timeout:.0f}s (logs in {workdir})")
+            if not killed and ev.revision >= kill_at:
+                lp.kill(victim)
+                killed = True
+                faults.append({"wall": time.time(), "kind": "kill", "who": victim, "revision": ev.revision})
+                ev.say(f"*** killed {victim} (SIGKILL) at outer step {ev.revision}: the others notice at their "
+                       f"next sync, average without it, and carry on")
+            if not joined and ev.revision >= join_at:
+                joined = True
+                faults.append({"wall": time.time(), "kind": "join", "who": joiner, "revision": ev.revision})
+                ev.say(f"*** {joiner} joins: admitted at the next sync, it takes the outer state from the peers")
+                lp.release(joiner)
+            for name in ev.eof - set(ev.done) - {victim}:
+                raise RuntimeError(f"{name} exited before finishing; log: {lp.log_tail(name)}")
+        for name in list(ev.done):
+            lp.procs[name].popen.wait(timeout=30)
+    ev.close()
+    summary = summarize(ev, faults, names + ([joiner] if joined else []), victim, a)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_table(summary)
+    plot_path = workdir / "validation_loss.png"
+    plot(ev, faults, plot_path)
+    print(f"\nplot: {plot_path}\nlogs and events: {workdir}")
+    return 0 if summary["parity"] else 1
+
+
+def summarize(ev: Events, faults: list[dict[str, Any]], names: list[str], victim: str,
+              a: argparse.Namespace) -> dict[str, Any]:
+    rounds = [e for e in ev.all if e.get("event") == "round"]
+    per_peer = {}
+    for n in names:
+        d, last = ev.done.get(n), ev.last.get(n)
+        mine = [e for e in rounds if e["peer"] == n]
+        per_peer[n] = {
+            "status": "killed" if n == victim else ("joined late, finished" if n == names[-1] and len(names) > a.peers
+                                                     else "finished"),
+            "steps": d["steps"] if d else (last["step"] if last else 0),
+            "samples": d["samples"] if d else (last["samples"] if last else 0),
+            "outer_steps": sum(1 for e in mine if e["committed"]),
+            "bytes_sent": d["bytes_sent"] if d else (last["bytes_sent"] if last else 0),
+            "first_revision": mine[0]["revision"] if mine else None,
+        }
+    vals = [e for e in rounds if e.get("val") is not None]
+    finished = list(ev.done.values())
+    digests = {d["digest"] for d in finished}
+    committed = {e["revision"] for e in rounds if e["committed"]}
+    return {
+        "per_peer": per_peer,
+        "val_before": vals[0]["val"] if vals else None,
+        "val_after": finished[0]["val"] if finished else None,
+        "outer_steps": len(committed),
+        "syncs_retried_after_a_loss": len({e["revision"] for e in rounds if e["retried"]}),
+        "syncs_discarded": len({(e["peer"], e["revision"]) for e in rounds
+                                if not e["committed"] and e["kind"] != "entry"}),
+        "faults": [{k: f[k] for k in ("kind", "who", "revision")} for f in faults],
+        "faults_survived": sum(1 for f in faults if max(committed, default=0) > f["revision"]),
+        "parity": len(digests) == 1 and all(d["revision"] == a.outer_steps for d in finished),
+        "final_digest": next(iter(digests)) if len(digests) == 1 else sorted(digests),
+        "inner_steps": a.inner_steps,
+    }
+
+
+def print_table(s: dict[str, Any]) -> None:
+    print(f"\n{'peer':<8}{'status':<24}{'steps':>8}{'samples':>10}{'outer steps':>13}{'bytes sent':>13}")
+    for n, r in s["per_peer"].items():
+        print(f"{n:<8}{r['status']:<24}{r['steps']:>8}{r['samples']:>10}{r['outer_steps']:>13}"
+              f"{r['bytes_sent'] / 1e6:>10.1f} MB")
+    before, after = s["val_before"], s["val_after"]
+    print(f"\nswarm: validation loss {before:.3f} -> {after:.3f} (nats/byte)" if before and after else "")
+    print(f"       outer steps (syncs) committed: {s['outer_steps']}, one every {s['inner_steps']} inner steps")
+    print(f"       faults survived: {s['faults_survived']} of {len(s['faults'])} "
+          f"({', '.join(f['kind'] + ' ' + f['who'] + ' at outer step ' + str(f['revision']) for f in s['faults'])})")
+    print(f"       syncs that lost a member mid-way and were redone by the survivors: "
+          f"{s['syncs_retried_after_a_loss']}; syncs discarded: {s['syncs_discarded']}")
+    print(f"       parity: {'OK, every finishing peer holds the same outer weights (digest ' + str(s['final_digest'])[:16] + ')' if s['parity'] else 'VIOLATED ' + str(s['final_digest'])}")
+
+
+def plot(ev: Events, faults: list[dict[str, Any]], path: Path) -> None:
+    from examples.pngplot import Mark, Series, line_plot
+    rounds = [e for e in ev.all if e.get("event") == "round" and e.get("val") is not None]
+    if not rounds:
+        return
+    start = min(e["wall"] for e in ev.all)
+    pts = sorted({e["revision"]: (e["wall"] - start, e["val"]) for e in rounds}.values())
+    marks = [Mark(f["wall"] - start, f"{f['kind']} {f['who']}", (200, 0, 0) if f["kind"] == "kill" else (0, 120, 0))
+             for f in faults]
+    line_plot(path, [Series("validation loss of the outer weights", [p[0] for p in pts], [p[1] for p in pts])],
+              title="DiLoCo swarm on the Python stdlib: validation loss", xlabel="seconds",
+              ylabel="val loss (nats/byte)", marks=marks)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", type=int, default=4, help="peers at the start (default 4)")
+    ap.add_argument("--outer-steps", type=int, default=100, help="outer steps to train (default 100)")
+    ap.add_argument("--inner-steps", type=int, default=25, help="H: local steps between syncs (default 25)")
+    ap.add_argument("--mode", choices=["sync", "eager", "streaming"], default="sync")
+    ap.add_argument("--codec", choices=["none", "fp16", "bf16", "int8"], default="none")
+    ap.add_argument("--lr", type=float, default=4e-3, help="inner learning rate")
+    ap.add_argument("--kill-at", type=float, default=0.35, help="kill peer1 at this fraction of the outer steps")
+    ap.add_argument("--join-at", type=float, default=0.5, help="start a new peer at this fraction")
+    ap.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    ap.add_argument("--workdir", default=None, help="keep logs, events and the plot here (default: a temp dir)")
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
