@@ -120,7 +120,9 @@ class AuthLimits:
     max_known_keys: int = 65536     # proven keys remembered (new keys are refused beyond this)
     max_probation: int = 256        # unknown keys accepted but not yet proven
     probation_s: float = 30.0       # ... which must send a valid Hello within this
-    max_unproven_msgs: int = 16     # other messages tolerated from a key on probation before a ban
+    max_unproven_msgs: int = 16     # other messages tolerated from a key on probation before a ban...
+    unproven_grace_s: float = 2.0   # ...once it has been on probation this long (a reconnecting client
+                                    # flushes its queue before it can re-send its Hello)
     max_bans: int = 4096
     ban_s: float = 300.0
     max_ids_per_key: int = 64       # several local peers may share one key file
@@ -315,6 +317,7 @@ class Curve(Security):
         self.stats["unproven"] += 1
         if entry is not None:
             entry[1] += 1
-            if entry[1] > self.limits.max_unproven_msgs:
-                self._ban(kid, time.monotonic(), "kept sending before proving the swarm secret")
+            now = time.monotonic()
+            if entry[1] > self.limits.max_unproven_msgs and now - entry[0] > self.limits.unproven_grace_s:
+                self._ban(kid, now, "kept sending before proving the swarm secret")
         return AuthError("message before proof of the swarm secret (Hello)")

@@ -180,10 +180,17 @@ def test_allowlist_refuses_unlisted_keys_and_pins_ids() -> None:
         pol.check_sender(_Frame(bob), "alice")  # pinned to alice's key
 
 
-def test_unproven_key_that_keeps_talking_is_banned() -> None:
-    pol, _ = _curve(limits=AuthLimits(max_unproven_msgs=3))
-    k = keys.generate_keypair()
-    pol.zap("127.0.0.1", b"CURVE", [k.public], time.monotonic())
+def test_unproven_key_that_keeps_talking_is_banned_after_a_grace() -> None:
+    pol, secret = _curve(limits=AuthLimits(max_unproven_msgs=3, unproven_grace_s=0.3))
+    k, late = keys.generate_keypair(), keys.generate_keypair()
+    for key in (k, late):
+        pol.zap("127.0.0.1", b"CURVE", [key.public], time.monotonic())
+    for _ in range(10):  # a reconnecting client flushing its queue before its Hello: dropped, not banned
+        assert pol.check_sender(_Frame(late), "late") == UNPROVEN
+        pol.on_unproven(_Frame(late))
+    pol.on_hello(_Frame(late), "late", wire.Hello(keys.hello_token(secret, late.public)))
+    assert pol.check_sender(_Frame(late), "late") == OK
+    time.sleep(0.35)
     for _ in range(4):
         assert pol.check_sender(_Frame(k), "x") == UNPROVEN
         pol.on_unproven(_Frame(k))
@@ -288,10 +295,11 @@ def test_unknown_key_that_knows_the_server_key_gets_nothing_in(inproc: InProcess
         sock, mon = attack.curve_client(ctx, coord.addr, server_pub, mallory, b"mallory/1")
         assert zmq.EVENT_HANDSHAKE_SUCCEEDED in attack.monitor_events(mon, 1.0)  # accepted on probation
         join = wire.encode(wire.Join("mallory", "tcp://127.0.0.1:1", "default"))
-        for _ in range(40):
-            sock.send(join)
-            sock.send(wire.encode(wire.Leave(1, 1)))
-        time.sleep(1.0)
+        for burst in range(2):  # dropped at once; banned once it keeps on past the grace period
+            for _ in range(40):
+                sock.send(join)
+                sock.send(wire.encode(wire.Leave(1, 1)))
+            time.sleep(1.0 if burst else 2.2)
         core = coord.node.coord
         assert core is not None and "mallory" not in core.pending and "mallory" not in core.members
         assert coord.node.transport.security.stats["bans"] >= 1
