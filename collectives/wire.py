@@ -4,7 +4,8 @@ A message is a zmq multipart: ``[header]`` or ``[header, payload]``. The header 
 ``[VERSION, TAG, field0, field1, ...]`` — a flat array of scalars or flat arrays of scalars, never maps,
 never nested deeper than two levels. Decoding is bounded (header size, string/bytes/array lengths) and
 every field is type- and range-checked before a message object exists. Tensor payloads are raw bytes whose
-dtype and element count travel in the header (``Chunk``) and are checked against the byte count. No pickle.
+dtype and element count travel in the header (``Chunk``) and are checked against the byte count. Nothing
+from a peer is ever unpickled.
 """
 
 import dataclasses

@@ -1,7 +1,7 @@
 """The Python API: join a swarm and run collectives from an ordinary training loop.
 
     from peer import Swarm, with_retry
-    swarm = Swarm.join(["10.0.0.5:7000"], peer_id="alice")      # or Swarm.bootstrap(peer_id=...)
+    swarm = Swarm.join(["coordhost:7000"], peer_id="alice")        # or Swarm.bootstrap(peer_id=...)
     swarm.wait_admitted(timeout=60)
     while training:
         if swarm.peers_pending:                     # identical on every member: safe to branch on

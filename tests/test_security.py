@@ -132,17 +132,17 @@ def _curve(**kw: Any) -> tuple[Curve, bytes]:
 def test_zap_probation_cap_rate_limit_and_expiry() -> None:
     pol, _ = _curve(limits=AuthLimits(max_probation=3))
     strangers = [keys.generate_keypair() for _ in range(5)]
-    ok = [pol.zap("10.0.0.1", b"CURVE", [k.public], 0.0)[0] for k in strangers[:4]]
+    ok = [pol.zap("127.0.0.9", b"CURVE", [k.public], 0.0)[0] for k in strangers[:4]]
     assert ok == [True, True, True, False]  # at most 3 unproven keys at once
-    assert pol.zap("10.0.0.1", b"NULL", [], 0.0)[0] is False  # CURVE only
-    assert pol.zap("10.0.0.1", b"CURVE", [strangers[0].public], 0.0)[0]  # a key on probation may reconnect
-    assert pol.zap("10.0.0.1", b"CURVE", [strangers[4].public], pol.limits.probation_s + 1)[0]  # expired: room
+    assert pol.zap("127.0.0.9", b"NULL", [], 0.0)[0] is False  # CURVE only
+    assert pol.zap("127.0.0.9", b"CURVE", [strangers[0].public], 0.0)[0]  # a key on probation may reconnect
+    assert pol.zap("127.0.0.9", b"CURVE", [strangers[4].public], pol.limits.probation_s + 1)[0]  # expired: room
     # new keys per client address: a token bucket (burst 2, then 1 per second)
     pol, _ = _curve(limits=AuthLimits(new_keys_burst=2, new_keys_per_s=1.0))
-    ok = [pol.zap("10.0.0.1", b"CURVE", [keys.generate_keypair().public], 0.0)[0] for _ in range(3)]
+    ok = [pol.zap("127.0.0.9", b"CURVE", [keys.generate_keypair().public], 0.0)[0] for _ in range(3)]
     assert ok == [True, True, False]
     assert pol.zap("10.0.0.2", b"CURVE", [keys.generate_keypair().public], 0.0)[0]  # another address
-    assert pol.zap("10.0.0.1", b"CURVE", [keys.generate_keypair().public], 1.1)[0]  # refilled
+    assert pol.zap("127.0.0.9", b"CURVE", [keys.generate_keypair().public], 1.1)[0]  # refilled
     assert pol.stats["zap_refused"] == 1
 
 
