@@ -22,32 +22,50 @@ import numpy as np
 from peer.workload import input_for
 
 
+def _op_id(r: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """A committed op is its key *and* its member list: a swarm that split in two (see ``split_brain``) may
+    number ops alike on both sides, and those are different ops."""
+    return r.get("key", ""), tuple(r.get("members") or ())
+
+
+def _same_op(abort: dict[str, Any], members: tuple[str, ...]) -> bool:
+    """Is this aborted attempt the committed op with these members? (Its own member list, when recorded, is
+    the epoch it started in: a key reused by another incarnation of the swarm has other members.)"""
+    if abort["peer"] not in members:
+        return False
+    return not abort.get("members") or set(abort["members"]) == set(members)
+
+
 def check_records(records: Iterable[dict[str, Any]], elems: int | None = None,
                   max_reference_checks: int = 50) -> dict[str, Any]:
-    committed: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    committed: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = defaultdict(list)
     aborted: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if "committed" not in r:
             continue
-        (committed if r["committed"] else aborted)[r.get("key", "")].append(r)
-    parity = [k for k, rs in committed.items() if len({r["digest"] for r in rs}) > 1]
-    partial = [k for k in committed if k in aborted]
+        if r["committed"]:
+            committed[_op_id(r)].append(r)
+        else:
+            aborted[r.get("key", "")].append(r)
+    parity = [k for (k, _), rs in committed.items() if len({r["digest"] for r in rs}) > 1]
+    # Partial: a member of a committed op aborted that same op (same key, same members).
+    partial = sorted({k for (k, members) in committed for r in aborted.get(k, []) if _same_op(r, members)})
     unrestored = [k for k, rs in aborted.items() if any(r.get("restored") is False for r in rs)]
     mismatches: list[str] = []
     checked = 0
     if elems is not None:
-        keys = list(committed)
-        stride = max(1, -(-len(keys) // max(1, max_reference_checks)))  # spread the sample over the run
-        for key in keys[::stride]:
-            rs = committed[key]
+        ids = list(committed)
+        stride = max(1, -(-len(ids) // max(1, max_reference_checks)))  # spread the sample over the run
+        for op in ids[::stride]:
+            rs = committed[op]
             by_peer = {r["peer"]: r for r in rs}
-            members = rs[0]["members"]
+            members = op[1]
             if not all(m in by_peer for m in members):
                 continue  # a member died before writing its record
             expected = sum(input_for(by_peer[m]["seed"], elems) for m in members)
             tol = 1e-4 * elems * len(members)
             if any(abs(r["result_sum"] - float(np.sum(expected, dtype=np.float64))) > tol for r in rs):
-                mismatches.append(key)
+                mismatches.append(op[0])
             checked += 1
     return {"ops_committed": len(committed), "ops_aborted": len([k for k in aborted if k]),
             "parity_violations": len(parity), "partial_commits": len(partial),
@@ -66,6 +84,9 @@ def check_records(records: Iterable[dict[str, Any]], elems: int | None = None,
 #   peer     {"t", "peer", "state"}                      up | down | stopped | resumed | cut | healed
 #            ("down" has "how": killed | left | exited | crashed | hung)
 #   untyped  {"t", "peer", "detail"}                     a failure that did not surface as a typed error
+#
+# Besides I1/I2/I5, the checker flags a split brain: committed ops of disjoint member sets that overlap in
+# time, i.e. the swarm went on as two independent groups (the membership model forbids it).
 #   start    {"t"}                                       the initial peers are up: the fault window opens
 #   end      {"t"}                                       the end of the fault window
 # ---------------------------------------------------------------------------------------------------------
@@ -77,19 +98,23 @@ def _typed_error_names() -> set[str]:
 
 
 def merge_ops(attempts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per op (key epoch:group:seq): members, verdict (commit | abort | partial), start and end
-    times, duration, each member's result hash and each member's error."""
-    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    """One row per op (key epoch:group:seq, and its members when committed): members, verdict (commit |
+    abort | partial), start and end times, duration, each member's result hash and each member's error."""
+    groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = defaultdict(list)
+    aborts: list[dict[str, Any]] = []
     for r in attempts:
         if "committed" in r and r.get("key"):
-            by_key[r["key"]].append(r)
+            (groups[_op_id(r)].append(r) if r["committed"] else aborts.append(r))
+    for r in aborts:  # with the committed op it belongs to, else with the other aborts of its key
+        home = next((g for g in groups if g[0] == r["key"] and _same_op(r, g[1])), (r["key"], ()))
+        groups[home].append(r)
     rows = []
-    for key, rs in by_key.items():
+    for (key, members), rs in groups.items():
         verdicts = {bool(r["committed"]) for r in rs}
         verdict = "partial" if len(verdicts) > 1 else ("commit" if True in verdicts else "abort")
         starts = [r["t"] - float(r.get("duration_s") or 0.0) for r in rs]
-        members = next((r["members"] for r in rs if r.get("committed")), None) or \
-            sorted({m for r in rs for m in r.get("members") or []} | {r["peer"] for r in rs})
+        if not members:
+            members = tuple(sorted({m for r in rs for m in r.get("members") or []} | {r["peer"] for r in rs}))
         rows.append({"key": key, "epoch": int(key.split(":")[0]) if key.split(":")[0].isdigit() else -1,
                      "members": list(members), "verdict": verdict, "t_start": min(starts),
                      "t_end": max(r["t"] for r in rs), "duration_s": round(max(r["t"] for r in rs) - min(starts), 4),
@@ -97,6 +122,31 @@ def merge_ops(attempts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                      "errors": {r["peer"]: r.get("error", "") for r in rs if not r.get("committed")}})
     rows.sort(key=lambda o: o["t_end"])
     return rows
+
+
+def split_brain(ops: list[dict[str, Any]]) -> tuple[int, list[tuple[float, float]]]:
+    """Committed world ops that overlapped in time with a committed op of a disjoint member set: the swarm
+    had split into independent groups (membership model: a cut-off minority must not go on alone).
+    Returns (how many ops, the merged time windows)."""
+    world = sorted((o for o in ops if o["verdict"] != "abort" and o["key"].split(":")[1:2] == ["w"]),
+                   key=lambda o: o["t_start"])
+    involved: set[int] = set()
+    windows: list[tuple[float, float]] = []
+    for i, a in enumerate(world):
+        for j in range(i + 1, len(world)):
+            b = world[j]
+            if b["t_start"] >= a["t_end"]:
+                break
+            if not set(a["members"]) & set(b["members"]):
+                involved.update((i, j))
+                windows.append((b["t_start"], min(a["t_end"], b["t_end"])))
+    merged: list[tuple[float, float]] = []
+    for lo, hi in sorted(windows):
+        if merged and lo <= merged[-1][1] + 2.0:  # one episode, seen between the ops
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return len(involved), merged
 
 
 def live_intervals(events: Iterable[dict[str, Any]]) -> list[tuple[float, int]]:
@@ -167,9 +217,12 @@ def check_history(history: list[dict[str, Any]], elems: int | None = None,
     t_begin = starts[0] if starts else min(progress, default=t_end)
     stall, stall_at = max_stall(progress, live_intervals(history), t_begin, t_end)
     faults = [h for h in history if h.get("type") == "fault"]
+    split_ops, split_windows = split_brain(merge_ops(attempts))
     ok = (base["parity_violations"] == 0 and base["partial_commits"] == 0 and base["unrestored_buffers"] == 0
-          and not untyped)
+          and base["reference_mismatches"] == 0 and not untyped and split_ops == 0)
     return {**base, "untyped_failures": len(untyped), "untyped": untyped[:20],
+            "split_brain_ops": split_ops, "split_brain_s": round(sum(b - a for a, b in split_windows), 3),
+            "split_brain_windows": [(round(a - t_begin, 2), round(b - t_begin, 2)) for a, b in split_windows[:10]],
             "max_stall_s": round(stall, 3), "max_stall_at": round(stall_at - t_begin, 3),
             "faults": len(faults), "ok": ok}
 
@@ -194,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = next((h for h in hist if h.get("type") == "meta"), {})
     result = check_history(hist, elems=meta.get("elems"))
     print(json.dumps(result, indent=2))
-    return 0 if result["ok"] and result["reference_mismatches"] == 0 else 1
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from ``peer.proxy``).
         fab.set_cable(h, up=False)          # partition: the host's cable is pulled (both directions)
         fab.shape(h, parse_link("5mbit"))   # slow link
         fab.set_path(h, h2, 20e6)           # a slow path between two hosts (htb class + u32 filter)
-    # leaving the block (or close(), or atexit) kills what still runs inside, deletes every namespace and link
+    # leaving the block (or close(), or atexit) kills what still runs inside, deletes every namespace and link;
+    # a run killed outright is cleaned up by the next one (reap_orphans: its owner pid is gone)
 
 Addresses come only from the 198.18.0.0/15 benchmarking range (RFC 2544), one /24 per run picked at random
 among those no interface uses, so parallel runs do not collide; every name carries a per-run random suffix.
@@ -34,13 +35,16 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
 BENCH_NET = ipaddress.IPv4Network("198.18.0.0/15")
 IP_TIMEOUT = 15.0  # seconds for one ``ip``/``tc`` command
+_OWNERS = Path(tempfile.gettempdir()) / "swarmtrain-fabrics"  # suffix -> pid of the run that owns it
 _LIVE: "set[Fabric]" = set()
 
 
@@ -173,8 +177,11 @@ class Fabric:
         ok, why = probe()
         if not ok:
             raise NetnsError(why)
+        reap_orphans()
         fab = cls(secrets.token_hex(3), _free_subnet())
         _LIVE.add(fab)
+        _OWNERS.mkdir(parents=True, exist_ok=True)
+        (_OWNERS / fab.suffix).write_text(str(os.getpid()), encoding="utf-8")
         try:
             _run(["ip", "link", "add", fab.bridge, "type", "bridge"])
             _run(["ip", "addr", "add", f"{fab.bridge_ip}/{fab.subnet.prefixlen}", "dev", fab.bridge])
@@ -281,6 +288,35 @@ class Fabric:
         left = leftovers(self.suffix)
         if left or errors:
             log.error("fabric %s: cleanup incomplete: left %s; errors %s", self.suffix, left, errors)
+        else:
+            (_OWNERS / self.suffix).unlink(missing_ok=True)
+
+
+def reap_orphans() -> list[str]:
+    """Remove what earlier runs left behind when they could not clean up (SIGKILL, power loss): the
+    namespaces and links of every fabric whose owner process is gone. Returns their suffixes."""
+    reaped = []
+    for f in _OWNERS.glob("*") if _OWNERS.is_dir() else []:
+        try:
+            os.kill(int(f.read_text(encoding="utf-8")), 0)
+            continue  # its owner still runs
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):
+            continue  # unreadable, or not ours to judge
+        suffix = f.name
+        for name in leftovers(suffix):
+            if name.startswith(f"swt-{suffix}-"):
+                _kill_inside(name)
+                _run(["ip", "netns", "del", name], check=False)
+            else:
+                _run(["ip", "link", "del", name], check=False)
+        if not leftovers(suffix):
+            f.unlink(missing_ok=True)
+            reaped.append(suffix)
+    if reaped:
+        log.warning("removed namespaces and links left by dead runs: %s", reaped)
+    return reaped
 
 
 def _kill_inside(netns: str) -> None:

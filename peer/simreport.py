@@ -160,9 +160,9 @@ def build_report(cfg: "SimConfig", history: list[dict[str, Any]], check: Optiona
     if check is not None:
         rep.update({k: check[k] for k in ("ops_committed", "ops_aborted", "parity_violations", "partial_commits",
                                           "unrestored_buffers", "reference_checked", "reference_mismatches",
-                                          "untyped_failures", "untyped", "max_stall_s", "max_stall_at",
-                                          "bad_keys")})
-        rep["ok"] = check["ok"] and check["reference_mismatches"] == 0
+                                          "untyped_failures", "untyped", "split_brain_ops", "split_brain_s",
+                                          "split_brain_windows", "max_stall_s", "max_stall_at", "bad_keys")})
+        rep["ok"] = check["ok"]
     if bench:
         n = len(bench)
         sec = max(r["seconds_per_op"] for r in bench)
@@ -220,6 +220,9 @@ def print_table(rep: dict[str, Any]) -> None:
               f"unrestored buffers {rep['unrestored_buffers']}")
         print(f"  results off the numpy reference: {rep['reference_mismatches']} of {rep['reference_checked']} checked")
         print(f"  failures not surfaced as a typed error: {rep['untyped_failures']}")
+        print(f"  split brain (disjoint groups committing at once): {rep['split_brain_ops']} ops, "
+              f"{rep['split_brain_s']:.1f}s" + (f" from {rep['split_brain_windows'][0][0]:.1f}s"
+                                                 if rep["split_brain_windows"] else ""))
         for u in rep["untyped"]:
             print(f"    {u}")
         print(f"  longest time without progress while >= 2 peers were live: {rep['max_stall_s']:.2f}s")

@@ -77,13 +77,14 @@ def _assert_cleaned_up(sim: Simulation) -> None:
 
 def _assert_invariants(run: Run) -> None:
     rep = run.rep
-    detail = json.dumps({k: rep.get(k) for k in ("bad_keys", "untyped", "faults", "workdir")})
+    detail = json.dumps({k: rep.get(k) for k in ("bad_keys", "untyped", "split_brain_windows", "faults", "workdir")})
     assert rep["parity_violations"] == 0, detail                    # I1
     assert rep["partial_commits"] == 0, detail                      # I2
     assert rep["unrestored_buffers"] == 0, detail                   # I2
     assert rep["reference_mismatches"] == 0, detail                 # results are right, not only equal
     assert rep["reference_checked"] > 0, detail
     assert rep["untyped_failures"] == 0, detail                     # I5
+    assert rep["split_brain_ops"] == 0, detail                      # one swarm, never two
     assert rep["ops_committed"] > 5, detail                         # I3: the swarm made progress
 
 
@@ -170,6 +171,22 @@ def test_resets_truncation_and_corrupted_bytes_through_the_proxy(tmp_path: Path)
     assert [h["kind"] for h in run.hist if h["type"] == "fault"] == [f.kind for f in schedule]
     assert run.ops("commit", after=12.0), "no progress after the last reset"
     assert run.rep["max_stall_s"] < 10
+
+
+@pytest.mark.timeout(120)
+def test_falls_back_to_loopback_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peer.simulate
+
+    monkeypatch.setattr(peer.simulate, "probe", lambda: (False, "not root (test)"))
+    said: list[str] = []
+    cfg = SimConfig(peers=2, duration=4.0, proxy=True, elems=20_000, seed=1, timeout_args=list(CHAOS_ARGS),
+                    schedule=[Fault(1.5, "partition", "peer1", seconds=1.0)], workdir=tmp_path / "run")
+    sim = Simulation(cfg, said.append)
+    rep = sim.run()
+    _assert_cleaned_up(sim)
+    assert rep["network"] == "loopback" and "not root (test)" in rep["network_detail"]
+    assert any("falling back to loopback" in line for line in said), said
+    assert rep["ok"] and rep["ops_committed"] > 0 and [f["kind"] for f in rep["faults"]] == ["partition"]
 
 
 @needs_netns

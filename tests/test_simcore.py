@@ -4,8 +4,10 @@ namespace fabric on its own (skipped where namespaces cannot be created)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import pytest
 
 from peer import faults as F
 from peer.history import check_history, live_intervals, max_stall, merge_ops
-from peer.netns import Fabric, LinkSpec, leftovers, parse_link, parse_rate, probe
+from peer.netns import Fabric, LinkSpec, leftovers, parse_link, parse_rate, probe, reap_orphans
+from peer.procs import REPO_ROOT
 from peer.timeline import write_timeline
 
 NETNS_OK, NETNS_WHY = probe()
@@ -90,6 +93,28 @@ def test_check_history_flags_parity_partial_and_untyped_failures() -> None:
     assert (res["parity_violations"], res["partial_commits"], res["untyped_failures"]) == (1, 1, 2)
 
 
+def test_a_split_swarm_is_flagged_and_its_ops_kept_apart() -> None:
+    # Two groups that both numbered their ops 5:w:0, 5:w:1 at the same time: a split brain, not a parity
+    # violation (different ops), and the abort of a reused key by another incarnation is not partial.
+    def att(peer: str, key: str, members: list[str], t: float, digest: str, ok: bool = True) -> dict:
+        r = {"type": "attempt", "peer": peer, "key": key, "committed": ok, "t": t, "seed": 1, "members": members,
+             "duration_s": 0.5}
+        r.update({"digest": digest, "result_sum": 0.0} if ok else {"error": "PeerLost", "restored": True})
+        return r
+    ab, cd = ["a", "b"], ["c", "d"]
+    hist = [{"type": "start", "t": 0.0}] + [_peer(0, p, "up") for p in "abcd"] + [
+        att("a", "5:w:0", ab, 1.0, "x"), att("b", "5:w:0", ab, 1.0, "x"),
+        att("c", "5:w:0", cd, 1.2, "y"), att("d", "5:w:0", cd, 1.2, "y"),
+        att("a", "5:w:1", ab, 2.0, "x2"), att("b", "5:w:1", ab, 2.0, "x2"),
+        att("c", "5:w:1", ["c", "e"], 30.0, "", ok=False),  # much later, another incarnation of epoch 5
+        {"type": "end", "t": 40}]
+    res = check_history(hist)
+    assert (res["parity_violations"], res["partial_commits"]) == (0, 0), res
+    assert res["split_brain_ops"] == 2 and not res["ok"]
+    assert res["split_brain_windows"] == [(0.7, 1.0)]
+    assert len([o for o in merge_ops(h for h in hist if h["type"] == "attempt") if o["key"] == "5:w:0"]) == 2
+
+
 def test_timeline_png_is_a_valid_png(tmp_path: Path) -> None:
     hist = [{"type": "meta", "t": 0.0}, _peer(0, "peer0", "up"), _peer(0.5, "peer1", "up"),
             _peer(3, "peer1", "stopped"), _peer(6, "peer1", "resumed"), _peer(9, "peer0", "down", how="killed"),
@@ -134,4 +159,24 @@ def test_fabric_shapes_partitions_and_leaves_nothing_behind() -> None:
         assert "5Mbit" in classes and "50Mbit" in classes
         suffix = fab.suffix
         assert len(leftovers(suffix)) == 5  # bridge, 2 namespaces, 2 veths
+    assert leftovers(suffix) == []
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_a_run_killed_outright_is_cleaned_up_by_the_next() -> None:
+    code = ("import time\nfrom peer.netns import Fabric\nf = Fabric.create()\nf.add_host('a')\n"
+            "print(f.suffix, flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=str(REPO_ROOT),
+                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    try:
+        assert p.stdout is not None
+        suffix = p.stdout.readline().strip()
+    finally:
+        p.kill()  # no chance to clean up
+        p.wait(timeout=10)
+        if p.stdout is not None:
+            p.stdout.close()
+    assert len(leftovers(suffix)) == 3  # bridge, namespace, veth
+    assert suffix in reap_orphans()
     assert leftovers(suffix) == []
