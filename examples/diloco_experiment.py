@@ -1,22 +1,26 @@
 """Does DiLoCo's claim hold at toy scale? 4 workers simulated in one process (exact averaging, no network).
 
-    python -m examples.diloco_experiment --out runs/diloco_experiment     # ~35 CPU-minutes on 1 core
-    python -m examples.diloco_experiment --plot-only --out runs/diloco_experiment
+    python -m examples.diloco_experiment --out runs/diloco_experiment --warm-arms 150:25,30:25,30:50
+    python -m examples.diloco_experiment --out runs/diloco_experiment --plot-only     # table + plot again
 
-Every arm sees the same data (each worker its own stream of random windows of stdlib source) and the same
-initial weights per seed; every multi-worker arm processes the same total tokens (4 workers x STEPS steps x
-BATCH windows). Arms:
+(~60 runs of 0.5-2 CPU-minutes each; resumable: finished runs are kept in results.jsonl and skipped.)
 
-- ``single``: one worker alone, STEPS steps (a quarter of the tokens): what one machine reaches in the time;
+Every arm sees the same data (each worker its own stream of random 64-byte windows of stdlib source, 16 per
+step) and the same initial weights per seed; every multi-worker arm processes the same total tokens (4
+workers x 600 steps). Inner optimizer AdamW (betas 0.9/0.95), 30 warm-up steps then cosine to 10 %. Arms:
+
+- ``single``: one worker alone for 600 steps (a quarter of the tokens): what one machine reaches meanwhile;
 - ``sync``: synchronous data parallel, gradients averaged every step (= one model on the 4 workers' batches);
-- ``diloco-H``: H inner AdamW steps per worker, then the average pseudo-gradient takes an outer Nesterov step
-  (lr 0.7, momentum 0.9; ``peer.diloco.outer_sgd``, the code the swarm runs);
-- ``avg-H``: plain parameter averaging every H steps (outer lr 1, no momentum).
+- ``diloco-H``: H inner steps per worker, then the average pseudo-gradient takes an outer Nesterov step
+  (momentum 0.9; ``peer.diloco.outer_sgd``, the code the swarm runs);
+- ``avg-H``: plain parameter averaging every H steps (outer lr 1, no momentum);
+- ``*-warmW`` (``--warm-arms W:H``): the same after W synchronous steps (counted as W syncs).
 
-For every arm the inner learning rate is swept on the first seed (an untuned baseline would flatter DiLoCo);
-the other seeds run at each arm's best LR, and the table reports the mean over seeds at that LR. Pass: the best DiLoCo arm with >= 10x fewer syncs than ``sync`` closes >= 60 %
-of the gap between ``single`` and ``sync``, and Nesterov is no worse than plain averaging at the same H.
-Writes ``results.jsonl`` (every run, appended as it finishes; a rerun skips what is there), ``summary.json`` and ``loss.png`` (validation loss curves).
+The inner learning rate (and DiLoCo's outer one, 0.2/0.4/0.7) is swept on seed 0, once more beyond any
+optimum at the edge of the grid; seed 1 runs at each arm's best configuration and the table reports the mean
+over both. Pass: the best DiLoCo arm with >= 10x fewer syncs than ``sync`` closes >= 60 % of the gap between
+``single`` and ``sync``, and Nesterov is no worse than plain averaging under the same schedule.
+Writes results.jsonl, summary.json and loss.png (validation loss curves, best configuration per arm).
 """
 
 from __future__ import annotations
@@ -154,14 +158,22 @@ def _worker(run: Run) -> dict[str, Any]:
     return run_one(run, _CORPUS)
 
 
-def grid(lrs: list[float], seed: int, hs: list[int], outer_lrs: list[float], warm: bool) -> list[Run]:
+def grid(lrs: list[float], seed: int, hs: list[int], outer_lrs: list[float]) -> list[Run]:
     runs = []
     for lr in lrs:
         runs += [Run("single", 0, lr, seed), Run("sync", 1, lr, seed)]
         runs += [Run("avg", h, lr, seed) for h in hs]
         runs += [Run("diloco", h, lr, seed, outer_lr=o) for h in hs for o in outer_lrs]
-        if warm:
-            runs.append(Run("diloco", 25, lr, seed, warm_sync=150))
+    return runs
+
+
+def warm_arms(spec: str, lr: float, seeds: list[int]) -> list[Run]:
+    """``"150:25,30:50"``: DiLoCo (outer lr 0.7) and plain averaging after WARM synchronous steps, with sync
+    interval H, at one inner LR (not swept: the one tuned for the arms without warm-up)."""
+    runs = []
+    for item in filter(None, spec.split(",")):
+        warm, h = (int(x) for x in item.split(":"))
+        runs += [Run(arm, h, lr, seed, warm_sync=warm) for seed in seeds for arm in ("diloco", "avg")]
     return runs
 
 
@@ -218,8 +230,8 @@ def summarize(results: list[dict[str, Any]], sweep_seed: int) -> dict[str, Any]:
             row["gap_closed"] = (single - row["val_loss"]) / gap if gap > 0 else float("nan")
         cands = [n for n, r in table.items() if n.startswith("diloco") and r["syncs"] * 10 <= table["sync"]["syncs"]]
         best = max(cands, key=lambda n: table[n]["gap_closed"]) if cands else None
-        nesterov_ok = {h: table[f"diloco-{h}"]["val_loss"] <= table[f"avg-{h}"]["val_loss"]
-                       for h in (10, 25, 50) if f"diloco-{h}" in table and f"avg-{h}" in table}
+        nesterov_ok = {n: table[n]["val_loss"] <= table[n.replace("diloco", "avg")]["val_loss"]
+                       for n in table if n.startswith("diloco") and n.replace("diloco", "avg") in table}
         out.update(best_diloco=best, best_gap_closed=table[best]["gap_closed"] if best else None,
                    nesterov_no_worse=nesterov_ok,
                    passed=bool(best and table[best]["gap_closed"] >= 0.6 and all(nesterov_ok.values())))
@@ -228,7 +240,8 @@ def summarize(results: list[dict[str, Any]], sweep_seed: int) -> dict[str, Any]:
 
 def print_table(summary: dict[str, Any]) -> None:
     t = summary["table"]
-    order = sorted(t, key=lambda n: (n not in ("single", "sync"), n.split("-")[0], int((n.split("-") + ["0"])[1])))
+    order = sorted(t, key=lambda n: (n not in ("single", "sync"), "warm" in n, n.split("-")[0],
+                                     int((n.split("-") + ["0"])[1]), n))
     print(f"\n{'arm':<20}{'lr':>11}{'val loss':>10}{'per seed':>16}{'syncs':>7}{'gap closed':>12}"
           f"   sweep (seed {summary['sweep_seed']}: inner lr[/outer lr] -> loss)")
     for n in order:
@@ -256,9 +269,9 @@ def bytes_per_outer_step(n_params: int, workers: int = WORKERS) -> dict[str, int
 def plot(results: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     from examples.pngplot import Series, line_plot
     best = {n: (r["lr"], r["outer_lr"]) for n, r in summary["table"].items()}
-    colors = {"single": (120, 120, 120), "sync": (0, 0, 0), "diloco-10": (31, 119, 180), "diloco-25": (44, 160, 44),
-              "diloco-50": (214, 39, 40), "avg-10": (148, 103, 189), "avg-25": (140, 86, 75),
-              "avg-50": (227, 119, 194), "diloco-25-warm150": (255, 127, 14)}
+    # one hue per sync schedule: DiLoCo solid, plain averaging dashed in the same hue
+    hues = {"": (0, 0, 0), "10": (31, 119, 180), "25": (44, 160, 44), "50": (214, 39, 40),
+            "25-warm150": (255, 127, 14), "25-warm30": (23, 190, 207), "50-warm30": (148, 103, 189)}
     series = []
     for name, (lr, olr) in best.items():
         runs = [r for r in results if r["name"] == name and r["lr"] == lr
@@ -266,7 +279,9 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> 
         steps = [s for s, _ in runs[0]["curve"]][1:]
         ys = [float(np.mean([dict(r["curve"])[s] for r in runs])) for s in steps]
         label = f"{name} lr={lr:g}" + (f" outer={olr:g}" if olr is not None else "")
-        series.append(Series(label, steps, ys, colors.get(name, (0, 128, 128)),
+        schedule = name.partition("-")[2]
+        color = (130, 130, 130) if name == "single" else hues.get(schedule, (0, 128, 128))
+        series.append(Series(label, steps, ys, color,
                              dashed=name.startswith("avg")))
     line_plot(path, series, title="DiLoCo vs data parallel, 4 workers (val loss, mean of seeds, best lr)",
               xlabel="steps per worker", ylabel="validation loss (nats/byte)")
@@ -296,7 +311,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--H", default="10,25,50", help="sync intervals for DiLoCo and averaging")
     ap.add_argument("--outer-lrs", default="0.2,0.4,0.7", help="DiLoCo outer learning rates to sweep")
-    ap.add_argument("--warm", action="store_true", help="add DiLoCo H=25 after 150 synchronous steps (pilot)")
+    ap.add_argument("--warm-arms", default="", metavar="WARM:H,...",
+                    help="extra arms: DiLoCo and averaging with sync interval H after WARM synchronous steps "
+                         "(the pilot used 150:25)")
+    ap.add_argument("--warm-lr", type=float, default=0.004, help="inner LR of the warm-up arms")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (1 thread each)")
     ap.add_argument("--steps", type=int, default=None, help="steps per worker (default 600; small for a smoke run)")
     ap.add_argument("--plot-only", action="store_true", help="re-render the table and plot from results.jsonl")
@@ -314,13 +332,14 @@ def main() -> None:
         # phase 1: the LR sweep on the first seed (extended once where an optimum sits at the grid's edge);
         # phase 2: the other seeds at each arm's best configuration
         sweep = grid([float(x) for x in a.lrs.split(",")], seeds[0], [int(x) for x in a.H.split(",")],
-                     [float(x) for x in a.outer_lrs.split(",")], a.warm)
+                     [float(x) for x in a.outer_lrs.split(",")])
         _run_all(sweep, done, res_path, a.jobs)
         _run_all(edge_extensions(done, seeds[0]), done, res_path, a.jobs)
         picked = best_configs(done, seeds[0])
         confirm = [Run(b["arm"], b["H"], b["lr"], seed, b["warm_sync"], b.get("outer_lr", 0.7))
                    for seed in seeds[1:] for b in picked.values()]
         _run_all(confirm, done, res_path, a.jobs)
+        _run_all(warm_arms(a.warm_arms, a.warm_lr, seeds), done, res_path, a.jobs)
     summary = summarize(done, seeds[0])
     n_params = sum(p.numel() for p in CharLM(MODEL).parameters())
     summary["model_params"] = n_params

@@ -125,13 +125,15 @@ class Events:
 
 
 def run(a: argparse.Namespace) -> int:
-    workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="swarmtrain-train-"))
+    workdir = (Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="swarmtrain-train-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     names = [f"peer{i}" for i in range(a.peers)]
     joiner = f"peer{a.peers}"
     train_args = ["--outer-steps", str(a.outer_steps), "--inner-steps", str(a.inner_steps), "--mode", a.mode,
                   "--codec", a.codec, "--lr", str(a.lr), *FAST]
+    if a.mode == "streaming":  # one outer step per fragment sync
+        train_args += ["--fragments", str(a.fragments)]
     faults: list[dict[str, Any]] = []
     ev = Events(t0, workdir / "events.jsonl")
     with TrainProcs(workdir) as lp:
@@ -141,7 +143,8 @@ def run(a: argparse.Namespace) -> int:
             ev.watch(lp.trainer(n, [coord.hostport], [*train_args, "--wait-for", str(a.peers)]))
         # the late joiner starts now too (loading takes seconds) but holds until it is told to join
         ev.watch(lp.trainer(joiner, [coord.hostport], train_args, hold=True))
-        kill_at, join_at = int(a.outer_steps * a.kill_at), int(a.outer_steps * a.join_at)
+        syncs = a.outer_steps * (a.fragments if a.mode == "streaming" else 1)  # revisions the run makes
+        kill_at, join_at = int(syncs * a.kill_at), int(syncs * a.join_at)
         killed = joined = False
         victim = names[1]
         deadline = time.monotonic() + a.timeout
@@ -204,9 +207,10 @@ def summarize(ev: Events, faults: list[dict[str, Any]], names: list[str], victim
                                 if not e["committed"] and e["kind"] != "entry"}),
         "faults": [{k: f[k] for k in ("kind", "who", "revision")} for f in faults],
         "faults_survived": sum(1 for f in faults if max(committed, default=0) > f["revision"]),
-        "parity": len(digests) == 1 and all(d["revision"] == a.outer_steps for d in finished),
+        "parity": len(digests) == 1 and len({d["revision"] for d in finished}) == 1,
         "final_digest": next(iter(digests)) if len(digests) == 1 else sorted(digests),
-        "inner_steps": a.inner_steps,
+        "sync_every": a.inner_steps // (a.fragments if a.mode == "streaming" else 1),
+        "mode": a.mode,
     }
 
 
@@ -217,7 +221,8 @@ def print_table(s: dict[str, Any]) -> None:
               f"{r['bytes_sent'] / 1e6:>10.1f} MB")
     before, after = s["val_before"], s["val_after"]
     print(f"\nswarm: validation loss {before:.3f} -> {after:.3f} (nats/byte)" if before and after else "")
-    print(f"       outer steps (syncs) committed: {s['outer_steps']}, one every {s['inner_steps']} inner steps")
+    what = "fragment syncs" if s["mode"] == "streaming" else "outer steps (syncs)"
+    print(f"       {what} committed: {s['outer_steps']}, one every {s['sync_every']} inner steps ({s['mode']} mode)")
     print(f"       faults survived: {s['faults_survived']} of {len(s['faults'])} "
           f"({', '.join(f['kind'] + ' ' + f['who'] + ' at outer step ' + str(f['revision']) for f in s['faults'])})")
     print(f"       syncs that lost a member mid-way and were redone by the survivors: "
@@ -245,6 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--outer-steps", type=int, default=100, help="outer steps to train (default 100)")
     ap.add_argument("--inner-steps", type=int, default=25, help="H: local steps between syncs (default 25)")
     ap.add_argument("--mode", choices=["sync", "eager", "streaming"], default="sync")
+    ap.add_argument("--fragments", type=int, default=5, help="streaming: parameter fragments (divides H)")
     ap.add_argument("--codec", choices=["none", "fp16", "bf16", "int8"], default="none")
     ap.add_argument("--lr", type=float, default=4e-3, help="inner learning rate")
     ap.add_argument("--kill-at", type=float, default=0.35, help="kill peer1 at this fraction of the outer steps")

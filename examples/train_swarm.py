@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--id", default=None, help="peer id (default: random)")
     _net_args(ap)
     t = ap.add_argument_group("training")
-    t.add_argument("--outer-steps", type=int, default=100, help="stop when the swarm reaches this many outer steps")
+    t.add_argument("--outer-steps", type=int, default=100,
+                   help="stop when the swarm has made this many outer steps (streaming: x fragments syncs)")
     t.add_argument("--inner-steps", type=int, default=25, help="H: local steps between syncs")
     t.add_argument("--mode", choices=["sync", "eager", "streaming"], default="sync")
     t.add_argument("--fragments", type=int, default=1, help="streaming: parameter fragments")
@@ -68,8 +69,8 @@ def format_round(e: dict[str, Any]) -> str:
     """One readable line per sync (also used by local_swarm.py for its peers' events)."""
     head = f"[{e['peer']}] outer {e['revision']:>4}  step {e['step']:>6}"
     if e["kind"] == "entry":
-        how = "took the swarm's outer state" if e["adopted"] else "holds the outer state"
-        return f"{head}  joined: {how} (revision {e['revision']}), {e['members']} members"
+        how = "took the outer state from the peers" if e["adopted"] else "its weights are the first outer state"
+        return f"{head}  joined: {how}; {e['members']} members"
     if not e["committed"]:
         return f"{head}  sync not committed ({e['reason']}): local steps discarded"
     val = f"  val {e['val']:.3f}" if e.get("val") is not None else ""
@@ -135,10 +136,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                      outer_momentum=a.outer_momentum, codec=a.codec, mode=a.mode, fragments=a.fragments,
                      on_round=on_round)
         opt_ref.append(opt)
-        offset = opt.revision * a.inner_steps  # a joiner continues the swarm's LR schedule
+        # the shared revision counts syncs: one per outer step, or one per fragment in streaming mode
+        interval, target = a.inner_steps // a.fragments, a.outer_steps * a.fragments
+        offset = opt.revision * interval  # a joiner continues the swarm's LR schedule
         total = a.outer_steps * a.inner_steps
         sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: schedule(s + offset, total))
-        while opt.revision < a.outer_steps:
+        while opt.revision < target:
             x, y = corpus.batch("train", a.batch, cfg.block, gen)
             loss = model.loss(x, y)
             loss.backward()

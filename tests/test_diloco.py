@@ -275,6 +275,46 @@ def test_lone_survivor_discards_local_steps_and_keeps_the_outer_weights(inproc: 
     assert flatten_params(opt.params).tobytes() == opt.theta.tobytes()  # back to the outer weights
 
 
+def test_evicted_peer_finds_it_is_stale_rejoins_and_resyncs(inproc: InProcess) -> None:
+    peers = form(inproc, 3)
+    coord, victim = inproc.swarms[0], peers[2]
+
+    def evict_after_round_2(rec: RoundRecord) -> None:
+        if rec.revision == 2 and rec.committed:  # as after a stall: the coordinator drops it from the epoch
+            node = coord.node
+            node.call(lambda: node._apply(node.coord.evict(victim.id, "test: silent too long")))
+            deadline = time.monotonic() + 10
+            while victim.state != "stale":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+    def run(s: Swarm, i: int, hook: Any = None) -> DiLoCo:
+        model = make_model(i)
+        opt = DiLoCo(model, make_inner(model), s, inner_steps=H, op_timeout=30, alone_wait=2, on_round=hook)
+        step = 0
+        while opt.revision < 6 and step < 40 * H:  # every peer stops at the same shared revision
+            local_step(model, opt, i, step)
+            step += 1
+        opt.finish()
+        return opt
+
+    def wait_for_rejoin(rec: RoundRecord) -> None:
+        if rec.revision == 3 and rec.committed:  # the survivors go on once the victim asked to rejoin
+            deadline = time.monotonic() + 20
+            while victim.state != "pending":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+    opts = check(run_all([lambda: run(peers[0], 0, wait_for_rejoin), lambda: run(peers[1], 1, wait_for_rejoin),
+                          lambda: run(victim, 2, evict_after_round_2)]))
+    stale = opts[2]
+    lost = [r for r in stale.history if r.reason.startswith("stale")]
+    back = [r for r in stale.history if r.kind == "entry"][1:]  # its first entry was at the start
+    assert lost and back and back[0].adopted and back[0].my_samples == 0
+    assert_parity(opts)
+    assert max(by_revision(stale)) == 6 and victim.id in by_revision(opts[0])[6].members
+
+
 def test_joiner_catches_up_before_its_first_step_and_matches(inproc: InProcess) -> None:
     peers = form(inproc, 2)
     coord = inproc.swarms[0]
@@ -328,6 +368,54 @@ def test_streaming_fragments_match_the_reference(inproc: InProcess) -> None:
                                                                   for r in range(1, 7)]
     finally:
         H = saved
+
+
+def reference_eager(opts: dict[int, DiLoCo], rounds: int) -> list[str]:
+    """The eager mode in one process: the average of round k is applied to the shared state at sync point
+    k+1; meanwhile each peer starts round k+1 from a tentative step whose pseudo-gradient is its share of its
+    own fresh one plus the others' part of the last applied average."""
+    ids = {o.swarm.id: i for i, o in opts.items()}
+    root = next(i for i, o in opts.items() if not o.history[0].adopted)
+    theta = flatten_params(list(make_model(root).parameters()))
+    mom = np.zeros_like(theta)
+    models = {i: make_model(i) for i in opts}
+    inners = {i: make_inner(m) for i, m in models.items()}
+    start = {i: theta.copy() for i in opts}
+    for m in models.values():
+        _load(m, theta)
+    prev_avg: Optional[np.ndarray] = None
+    prev_mine: dict[int, np.ndarray] = {}
+    members = by_revision(opts[0])[1].members
+    digests = []
+    for k in range(1, rounds + 1):
+        deltas = {}
+        for i in opts:
+            for step in range((k - 1) * H, k * H):
+                local_step(models[i], inners[i], i, step)
+            deltas[i] = np.subtract(start[i], flatten_params(list(models[i].parameters())))
+        order = [ids[m] for m in members]
+        total = ring_sum([np.array([BATCH * H], np.float32) for _ in order])[0]
+        scale = np.float32(np.float32(BATCH * H) / total)
+        avg = ring_sum([np.multiply(deltas[i], scale) for i in order])
+        for i in opts:  # the tentative start of round k+1, from the shared state of sync point k
+            proxy = np.multiply(deltas[i], scale)
+            if prev_avg is not None:
+                proxy = np.subtract(np.add(proxy, prev_avg), prev_mine[i])
+            t, mo = theta.copy(), mom.copy()
+            ref_outer(t, mo, proxy)
+            start[i] = t
+            _load(models[i], t)
+        ref_outer(theta, mom, avg)  # committed at sync point k+1 (or at finish)
+        digests.append(state_digest(theta, mom).hex())
+        prev_avg, prev_mine = avg, {i: np.multiply(deltas[i], scale) for i in opts}
+    return digests
+
+
+def test_eager_matches_the_reference(inproc: InProcess) -> None:
+    peers = form(inproc, 3)
+    opts = check(run_all([lambda s=s, i=i: train(s, i, rounds=4, mode="eager") for i, s in enumerate(peers)]))
+    assert_parity(opts)
+    assert reference_eager(dict(enumerate(opts)), 4) == [by_revision(opts[0])[r].digest for r in range(1, 5)]
 
 
 def test_eager_parity_after_every_commit_and_survives_a_lost_member(inproc: InProcess) -> None:
