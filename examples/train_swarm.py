@@ -69,7 +69,7 @@ def format_round(e: dict[str, Any]) -> str:
     """One readable line per sync (also used by local_swarm.py for its peers' events)."""
     head = f"[{e['peer']}] outer {e['revision']:>4}  step {e['step']:>6}"
     if e["kind"] == "entry":
-        how = "took the outer state from the peers" if e["adopted"] else "its weights are the first outer state"
+        how = "took the outer state from the peers" if e["adopted"] else "already holds the swarm's outer state"
         return f"{head}  joined: {how}; {e['members']} members"
     if not e["committed"]:
         return f"{head}  sync not committed ({e['reason']}): local steps discarded"
