@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from peer import faults as F
-from peer.netns import LinkSpec, parse_link, parse_rate
+from peer.netns import LinkSpec, NetnsError, parse_link, parse_rate
 
 if TYPE_CHECKING:  # imported lazily: every `python -m peer` builds this parser
     from peer.simulate import SimConfig
@@ -125,7 +125,15 @@ def run_cli(a: argparse.Namespace) -> int:
     say = (lambda text: None) if a.json else (lambda text: print(f"  {text}", flush=True))
     if not a.json:
         print(f"swarmtrain simulate: {cfg.peers} peers, {cfg.duration:g}s, seed {cfg.seed}", flush=True)
-    rep = Simulation(cfg, say).run()
+    try:
+        rep = Simulation(cfg, say).run()
+    except (ValueError, NetnsError) as exc:  # a plan this network cannot carry out; everything was cleaned up
+        print(f"swarmtrain simulate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("swarmtrain simulate: interrupted; every process, namespace and link it made is gone",
+              file=sys.stderr)
+        return 130
     if a.json:
         print(json.dumps(rep))
     else:

@@ -117,10 +117,13 @@ def write_timeline(path: str | Path, history: list[dict[str, Any]], width: int =
             cv.rect(x(o["t_end"]), ops_y, x(o["t_end"]) + 2, ops_y + 40, RED)
     # faults
     cv.text(5, fault_y, "FAULTS")
-    for j, f in enumerate(faults[:40]):
-        cv.rect(x(f["t"]), top, x(f["t"]) + 1, ops_y + 40, PURPLE)
+    for f in faults:  # full-height lines while they stay readable, else ticks over the ops lane
+        cv.rect(x(f["t"]), top if len(faults) <= 40 else ops_y - 8, x(f["t"]) + 1, ops_y + 40, PURPLE)
+    for j, f in enumerate(faults[:40]):  # the first 40 get a label
         cv.text(int(x(f["t"])) + 3, fault_y + 14 * j, f"{f['t'] - t0:.1f} {f['kind']} {f.get('who', '')}"[:40],
                 PURPLE)
+    if len(faults) > 40:
+        cv.text(5, fault_y + 14, f"+{len(faults) - 40} MORE", PURPLE)
     Path(path).write_bytes(cv.png())
 
 
