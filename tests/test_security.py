@@ -141,7 +141,7 @@ def test_zap_probation_cap_rate_limit_and_expiry() -> None:
     pol, _ = _curve(limits=AuthLimits(new_keys_burst=2, new_keys_per_s=1.0))
     ok = [pol.zap("127.0.0.9", b"CURVE", [keys.generate_keypair().public], 0.0)[0] for _ in range(3)]
     assert ok == [True, True, False]
-    assert pol.zap("10.0.0.2", b"CURVE", [keys.generate_keypair().public], 0.0)[0]  # another address
+    assert pol.zap("127.0.0.10", b"CURVE", [keys.generate_keypair().public], 0.0)[0]  # another address
     assert pol.zap("127.0.0.9", b"CURVE", [keys.generate_keypair().public], 1.1)[0]  # refilled
     assert pol.stats["zap_refused"] == 1
 
