@@ -5,7 +5,14 @@ is ``<peer id>/<random>``: the receiving ROUTER learns who claims to send each m
 collide on one routing id (the ROUTER only receives; replies travel on the receiver's own DEALER). Every
 outbound link has a socket monitor:
 a connection that drops and is then refused means the remote process is gone, which we report at once
-(no waiting for a TCP keepalive). Messages to ourselves are delivered through a local queue.
+(no waiting for a TCP keepalive). zmq reports every scheduled or failed reconnect the same way
+(``CONNECT_RETRIED``), and a reset connection to a live peer, or a host cut off by a partition, must not look
+like a dead process: so a retried reconnect starts a probe, a plain non-blocking TCP connect, and only an
+actual ``ECONNREFUSED`` (the host answered: nothing listens there any more) is reported as ``refused``.
+Messages to ourselves are delivered through a local queue.
+
+Control messages (no payload: heartbeats, votes, verdicts) travel on their own connection per neighbour,
+tensor data on ``streams`` others: a heartbeat never waits behind megabytes of queued chunks on a slow link.
 
 Security (``collectives.security``): the policy configures every socket. With ``Curve`` the ROUTER is a CURVE
 server, every DEALER a CURVE client, and this module serves ZAP (the handshake hook) from its own poll loop:
@@ -23,6 +30,7 @@ number of frames or an invalid sender id is reported as ``Bad``.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import secrets
@@ -39,6 +47,7 @@ from collectives.errors import AuthError, RemoteError, WireError
 from collectives.security import DROP, OK, UNPROVEN, Insecure, Security, require_libzmq
 
 log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 1.0  # a refused-probe that gets no answer by then proves nothing
 
 _MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
                    | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -77,7 +86,7 @@ class Bad:
 @dataclass
 class LinkEvent:
     peer: str
-    kind: str  # "up" | "down" | "refused" | "auth_failed"
+    kind: str  # "up" | "down" | "refused" | "auth_failed" (control link) | "data_lost" (a data stream dropped)
 
 
 Event = Union[Received, Bad, LinkEvent]
@@ -86,12 +95,13 @@ Event = Union[Received, Bad, LinkEvent]
 @dataclass
 class _Link:
     addr: str
-    sock: zmq.Socket          # control messages and the first data stream (ordered)
+    sock: zmq.Socket          # control messages only (ordered among themselves)
     monitor: zmq.Socket
     up: bool = False
     handshakes: int = 0
     failures: int = 0
-    data: list[zmq.Socket] = field(default_factory=list)  # extra data streams, used round-robin
+    data: list[zmq.Socket] = field(default_factory=list)  # tensor data streams (>= 1), used round-robin
+    data_monitors: list[zmq.Socket] = field(default_factory=list)  # their disconnects: data may be lost
     turn: int = 0
 
 
@@ -144,6 +154,9 @@ class Transport:
         self.links: dict[str, _Link] = {}
         self._by_monitor: dict[zmq.Socket, str] = {}
         self._local: collections.deque[Received] = collections.deque()
+        self._probes: dict[int, tuple[str, socket.socket, float]] = {}  # fd -> (peer, socket, deadline)
+        self._refused: list[LinkEvent] = []
+        self._data_monitors: dict[zmq.Socket, str] = {}
         self.counters = Counters()
         self.closed = False
 
@@ -161,7 +174,7 @@ class Transport:
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         try:
             sock.connect(addr)
-            data = [self._dealer(peer, addr) for _ in range(self.limits.streams - 1)]
+            data = [self._dealer(peer, addr) for _ in range(max(1, self.limits.streams))]
             for d in data:
                 d.connect(addr)
         except zmq.ZMQError as exc:
@@ -172,6 +185,11 @@ class Transport:
         self.links[peer] = _Link(addr, sock, monitor, data=data)
         self._by_monitor[monitor] = peer
         self.poller.register(monitor, zmq.POLLIN)
+        for d in data:
+            dmon = d.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self.links[peer].data_monitors.append(dmon)
+            self._data_monitors[dmon] = peer
+            self.poller.register(dmon, zmq.POLLIN)
         hello = self.security.hello()
         if hello is not None:
             for s in (sock, *data):
@@ -202,6 +220,11 @@ class Transport:
         link.sock.disable_monitor()
         link.monitor.close(linger=0)
         link.sock.close(linger=0)
+        for d, dmon in zip(link.data, link.data_monitors):
+            self._data_monitors.pop(dmon, None)
+            self.poller.unregister(dmon)
+            d.disable_monitor()
+            dmon.close(linger=0)
         for d in link.data:
             d.close(linger=0)
 
@@ -223,11 +246,9 @@ class Transport:
             link.sock.send(header, copy=True)
             size = len(header)
         else:
-            sock = link.sock
-            if link.data:  # tensor data is spread over the streams; each message still arrives whole
-                link.turn = (link.turn + 1) % (len(link.data) + 1)
-                sock = link.sock if link.turn == 0 else link.data[link.turn - 1]
-            sock.send_multipart([header, payload], copy=False)
+            # tensor data is spread over the data streams; each message still arrives whole
+            link.turn = (link.turn + 1) % len(link.data)
+            link.data[link.turn].send_multipart([header, payload], copy=False)
             size = len(header) + memoryview(payload).nbytes
         c = self.counters
         c.bytes_sent += size
@@ -251,7 +272,54 @@ class Transport:
                 self._count_connections()
             elif isinstance(sock, zmq.Socket) and sock in self._by_monitor:
                 events.extend(self._drain_monitor(sock))
+            elif isinstance(sock, zmq.Socket) and sock in self._data_monitors:
+                events.extend(self._drain_data_monitor(sock))
+            elif isinstance(sock, int) and sock in self._probes:
+                self._finish_probe(sock)
+        self._expire_probes()
+        events.extend(self._refused)
+        self._refused.clear()
         return events, (extra is not None and extra in ready)
+
+    # ------------------------------------------------------------------ refused probes
+    def _start_probe(self, peer: str, addr: str) -> None:
+        """Is anything listening at ``addr``? A non-blocking TCP connect; the answer arrives in ``poll``."""
+        if any(p == peer for p, _, _ in self._probes.values()):
+            return
+        host, _, port = addr.removeprefix("tcp://").rpartition(":")
+        host = host.strip("[]")
+        try:
+            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except (OSError, ValueError):
+            return  # a name, not an address: no probe (silence is still detected by heartbeats)
+        family, _, _, _, sockaddr = info[0]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setblocking(False)
+        err = s.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS):
+            self._probe_result(peer, s, err)
+            return
+        self._probes[s.fileno()] = (peer, s, time.monotonic() + PROBE_TIMEOUT_S)
+        self.poller.register(s.fileno(), zmq.POLLOUT)
+
+    def _finish_probe(self, fd: int) -> None:
+        peer, s, _ = self._probes.pop(fd)
+        self.poller.unregister(fd)
+        self._probe_result(peer, s, s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def _probe_result(self, peer: str, s: socket.socket, err: int) -> None:
+        s.close()
+        link = self.links.get(peer)
+        if err == errno.ECONNREFUSED and link is not None and not link.up:
+            self._refused.append(LinkEvent(peer, "refused"))
+
+    def _expire_probes(self) -> None:
+        now = time.monotonic()
+        for fd, (_, s, deadline) in list(self._probes.items()):
+            if now > deadline:  # no answer: a partition or a slow host, not a refusal
+                self._probes.pop(fd)
+                self.poller.unregister(fd)
+                s.close()
 
     def _drain_router(self) -> Iterator[Event]:
         for _ in range(self.limits.max_batch):
@@ -382,7 +450,7 @@ class Transport:
                 link.up = False
                 yield LinkEvent(peer, "down")
             elif kind == zmq.EVENT_CONNECT_RETRIED:
-                yield LinkEvent(peer, "refused")
+                self._start_probe(peer, link.addr)
             else:
                 link.failures += 1
                 log.log(logging.WARNING if link.failures == 1 else logging.DEBUG,
@@ -390,10 +458,25 @@ class Transport:
                         "or not a swarmtrain peer?", self.my_id, peer, link.addr, _HANDSHAKE_FAILURES.get(kind, kind))
                 yield LinkEvent(peer, "auth_failed")
 
+    def _drain_data_monitor(self, monitor: zmq.Socket) -> Iterator[LinkEvent]:
+        """A data stream dropped: zmq reconnects, but what was in flight on it is lost."""
+        peer = self._data_monitors[monitor]
+        while True:
+            try:
+                ev = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                yield LinkEvent(peer, "data_lost")
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        for fd, (_, s, _) in list(self._probes.items()):
+            self.poller.unregister(fd)
+            s.close()
+        self._probes.clear()
         for peer in list(self.links):
             self.disconnect(peer)
         self.router.disable_monitor()

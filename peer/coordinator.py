@@ -13,7 +13,13 @@ Invariants:
 - the epoch number only grows; every change of the member list makes a new epoch (I1, membership model);
 - an op gets exactly one verdict, recorded in ``decided``; a verdict is sent before any EpochUpdate that
   follows it on the same link, so a peer that sees a newer epoch may abort everything still undecided (I2);
-- every wait has a deadline: votes and ops wait only for members, and members are evicted on silence (I3).
+- every wait has a deadline: votes and ops wait only for members, and members are evicted on silence (I3);
+- one swarm, never two: silence is not proof of death (a partition looks the same), so the coordinator evicts
+  silent members only while it still hears a strict majority of the epoch's voters (its members, and itself
+  when it runs standalone). Without that majority it steps down (``lost_quorum``): the far side may be
+  re-forming under a successor, which needs a majority of the same members. Members proven gone (their host
+  refused the connection), leavers and protocol offenders are removed without a vote: they cannot form a
+  swarm of their own.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ class CoordinatorCore:
         self.reform_expected = set(reform_expected or ())
         self.rejoined: dict[str, wire.Rejoin] = {}
         self.failed_reform = False
+        self.lost_quorum = False
         self.bw: dict[tuple[str, str], float] = {}      # measured (sender, receiver) -> bytes/s
         self.reorder: list[str] | None = None          # a faster ring, applied at the next topology vote
         self.former: collections.OrderedDict[str, str] = collections.OrderedDict()  # evicted id -> addr
@@ -156,6 +163,8 @@ class CoordinatorCore:
     def on_message(self, sender: str, msg: wire.Message, now: float) -> list[Action]:
         if sender in self.last_seen:
             self.last_seen[sender] = now
+        if self.lost_quorum:
+            return []  # stepped down: the node drops this core
         if isinstance(msg, wire.Rejoin):
             return self._on_rejoin(sender, msg, now)
         if self.reforming:
@@ -183,7 +192,8 @@ class CoordinatorCore:
             return self._on_bw(sender, msg)
         if isinstance(msg, wire.Suspect):
             if msg.suspect_id in self.members and msg.suspect_id != sender:
-                if msg.reason.startswith("protocol") or msg.suspect_id in self.down_since:
+                if msg.reason.startswith("protocol") or (msg.suspect_id in self.down_since and
+                                                         self._has_quorum([msg.suspect_id], now)):
                     return self.evict(msg.suspect_id, f"reported by {sender}: {msg.reason}")
             return []
         return []
@@ -287,27 +297,54 @@ class CoordinatorCore:
             self.down_since.setdefault(peer, now)
             return []
         if kind == "refused" and peer in self.down_since:
-            return self.evict(peer, "connection refused (process gone)")
+            return self.evict(peer, "connection refused (process gone)")  # proof: no quorum needed
         if kind == "auth_failed":
             return self.evict(peer, "authentication failed")
         return []
 
     def tick(self, now: float) -> list[Action]:
+        if self.lost_quorum:
+            return []
         if self.reforming:
             if now >= self.reform_deadline or self.reform_expected <= set(self.rejoined):
                 return self._finish_reform(now)
             return []
         out: list[Action] = []
+        gone: list[tuple[str, str]] = []
         for peer in list(self.members) + list(self.pending):
             if peer == self.me:
                 continue
             silent = now - self.last_seen.get(peer, now)
             down = now - self.down_since.get(peer, now)
             if silent > self.t.heartbeat_timeout:
-                out += self.evict(peer, f"silent for {silent:.1f}s")
+                gone.append((peer, f"silent for {silent:.1f}s"))
             elif down > self.t.reconnect_grace:
-                out += self.evict(peer, f"link down for {down:.1f}s")
+                gone.append((peer, f"link down for {down:.1f}s"))
+        lost = [p for p, _ in gone if p in self.members]
+        if lost and not self._has_quorum(lost, now):
+            return self._step_down(lost, now)
+        for peer, reason in gone:
+            out += self.evict(peer, reason)
         return out
+
+    def _has_quorum(self, lost: list[str], now: float) -> bool:
+        """Do we still hear a strict majority of the voters without ``lost``? Members heard from only
+        long ago (more than half the heartbeat timeout) do not count either: peers cut off by one partition
+        fall silent a few heartbeats apart, and evicting them one at a time must not erode the majority."""
+        voters = set(self.members) | {self.me}
+        fresh = self.t.heartbeat_timeout / 2
+        heard = {m for m in voters - set(lost)
+                 if m == self.me or (now - self.last_seen.get(m, now) <= fresh and m not in self.down_since)}
+        return len(heard) >= len(voters) // 2 + 1
+
+    def _step_down(self, lost: list[str], now: float) -> list[Action]:
+        voters = set(self.members) | {self.me}
+        log.warning("coordinator %s: cannot hear a majority of %d voters (silent: %s); stepping down",
+                    self.me, len(voters), ",".join(lost))
+        self.lost_quorum = True
+        out = self._abort_open_ops("coordinator lost its quorum")
+        stale = wire.Stale(self.term, self.epoch, self.me, self.me_addr, "coordinator lost its quorum")
+        return out + [Out(m, stale) for m in self.members if m != self.me and m not in lost]
 
     # ------------------------------------------------------------------ failover
     def _on_rejoin(self, sender: str, msg: wire.Rejoin, now: float) -> list[Action]:
@@ -327,7 +364,7 @@ class CoordinatorCore:
     def _finish_reform(self, now: float) -> list[Action]:
         self.reforming = False
         quorum = len(self.reform_expected) // 2 + 1
-        if len(self.rejoined) < quorum:
+        if len(self.reform_expected & set(self.rejoined)) < quorum:  # strangers' Rejoins do not count
             # A minority (e.g. we were partitioned or stalled): forming a swarm here would split the brain.
             log.warning("coordinator %s: only %d of %d survivors checked in (quorum %d); giving up",
                         self.me, len(self.rejoined), len(self.reform_expected), quorum)

@@ -40,6 +40,37 @@ class FailoverMixin:
     early_rejoins: list[tuple[str, wire.Rejoin]]
     old_coord_id: str
     old_coord_addr: str
+    join_addrs: list[str]
+    last_member_addrs: list[str]
+    last_members: list[tuple[str, str]]
+    redirects: int
+
+    def _remember_members(self) -> None:
+        """Keep the last epoch's members and addresses: a stale peer looks for the swarm there."""
+        core = self.coord
+        ids = core.members if core is not None else self.members
+        found = [(m, self.addrs.get(m) or (core.addrs.get(m, "") if core is not None else "")) for m in ids]
+        found = [(m, a) for m, a in found if a and m != self.id and a != self.addr]
+        if found:
+            self.last_members = found
+            self.last_member_addrs = [a for _, a in found]
+
+    def _step_down(self, now: float) -> None:
+        """Our coordinator core lost its quorum: give up the role (its ops are already aborted)."""
+        self._remember_members()
+        self._note("coordinator", "stepped down: lost quorum")
+        self.coord = None
+        self._become_stale(wire.Stale(self.term, self.epoch, self.id, self.addr, "coordinator lost its quorum"),
+                           now)
+
+    def _redirect_joiner(self, sender: str, msg: wire.Join) -> None:
+        """(standalone coordinator that stepped down) Send a joiner to a member of our last epoch."""
+        if not self.last_members:
+            return
+        self.transport.connect(sender, msg.addr)
+        self.redirects += 1
+        member, addr = self.last_members[self.redirects % len(self.last_members)]
+        self._send(sender, wire.Redirect(member, addr))
 
     def _coordinator_dead(self, now: float, why: str) -> None:
         if self.state != "member" or self.coord is not None:

@@ -8,6 +8,10 @@ Membership client states::
     joining --Welcome--> pending --EpochUpdate with me--> member --Stale--> stale --rejoin()--> joining
     member --coordinator dead--> reforming --EpochUpdate from successor--> member
                                            --no candidate answers--> stale
+    (coordinator role) --lost quorum--> stale (a member) or redirector (standalone)
+
+A stale peer rejoins through the coordinator it last heard of, its ``--join`` addresses, and the members of
+its last epoch (any live member answers a Join with a Redirect to its coordinator).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class Node(FailoverMixin):
         self.last_ack = time.monotonic()
         self.coord_down_since: Optional[float] = None
         self.join_addrs = [normalize_addr(a) for a in cfg.join]
+        self.last_member_addrs: list[str] = []  # where a stale peer also looks for the swarm
+        self.last_members: list[tuple[str, str]] = []
+        self.redirects = 0
         self.join_index = 0
         self.join_deadline = 0.0
         self.join_retry_at = 0.0
@@ -190,6 +197,8 @@ class Node(FailoverMixin):
                 self._on_message(ev.sender, ev.msg, ev.payload, now)
             except (WireError, ProtocolError) as exc:  # a peer's fault: drop it, keep serving the rest
                 self._on_event(Bad(ev.sender, WireError(str(exc))), now)
+        elif isinstance(ev, LinkEvent) and ev.kind == "data_lost":
+            self.engine.link_lost(ev.peer, now)
         elif isinstance(ev, LinkEvent):
             if self.coord is not None:
                 self._apply(self.coord.on_link(ev.peer, ev.kind, now))
@@ -226,7 +235,9 @@ class Node(FailoverMixin):
         if self.coord is not None:
             self._apply(self.coord.on_message(sender, msg, now))
             return
-        if isinstance(msg, wire.Join) and self.state == "member" and msg.peer_id == sender:
+        if isinstance(msg, wire.Join) and self.state == "redirector" and msg.peer_id == sender:
+            self._redirect_joiner(sender, msg)
+        elif isinstance(msg, wire.Join) and self.state == "member" and msg.peer_id == sender:
             self.transport.connect(sender, msg.addr)
             self.addrs.setdefault(sender, msg.addr)
             self._send(sender, wire.Redirect(self.coord_id, self.coord_addr))
@@ -366,6 +377,7 @@ class Node(FailoverMixin):
         if self.coord is not None and msg.term >= self.term and msg.coord_id != self.id:
             log.warning("%s: stepping down as coordinator (term %d < %d)", self.id, self.term, msg.term)
             self.coord = None
+        self._remember_members()
         self.coord_id, self.coord_addr = msg.coord_id, msg.coord_addr
         self.addrs[msg.coord_id] = msg.coord_addr
         if not self.cfg.member:
@@ -390,10 +402,8 @@ class Node(FailoverMixin):
             self.transport.send(self.id, wire.Join(self.id, self.addr, self.cfg.swarm))
             self.state = "pending"
             return
-        if self.coord_addr and not self.join_addrs:
-            self.join_addrs = [self.coord_addr]
-        elif self.coord_addr and self.coord_addr not in self.join_addrs:
-            self.join_addrs.insert(0, self.coord_addr)
+        first = [self.coord_addr] if self.coord_addr and self.coord_addr != self.addr else []
+        self.join_addrs = list(dict.fromkeys(first + self.join_addrs + self.last_member_addrs))
         self._try_join(now)
 
     def _try_join(self, now: float) -> None:
@@ -425,6 +435,8 @@ class Node(FailoverMixin):
                 self.coord = None
                 self._become_stale(wire.Stale(self.term, self.epoch, self.old_coord_id, self.old_coord_addr,
                                               "no quorum to re-form"), now)
+            elif self.coord.lost_quorum:
+                self._step_down(now)
         self.engine.tick(now, self.t.op_progress_timeout)
         if self.state in ("member", "pending") and self.coord_id:
             if now - self._last_hb >= self.t.heartbeat_interval:

@@ -284,6 +284,13 @@ class OpEngine:
             members = () if rec.key[1] == WORLD else rec.members
             self._to_coord(wire.OpFail(self.term, *rec.key, wire.clip(reason), members))
 
+    def link_lost(self, peer: str, now: float) -> None:
+        """A data connection to ``peer`` dropped: chunks in flight on it are gone (zmq does not resend after
+        a reconnect), so an op with ``peer`` in it would only wait for its progress deadline. Abort it now."""
+        for rec in list(self.ops.values()):
+            if rec.state == "running" and peer in rec.members and peer != self.me:
+                self._request_abort(rec, f"connection to {peer} dropped", now)
+
     def tick(self, now: float, progress_timeout: float) -> None:
         for rec in list(self.ops.values()):
             if rec.state == "running" and now - rec.last_progress > progress_timeout:

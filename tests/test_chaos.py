@@ -151,6 +151,25 @@ def test_partition_of_one_peer(tmp_path: Path) -> None:
 
 
 @needs_netns
+@pytest.mark.timeout(150)
+def test_partitioned_coordinator_steps_down_and_the_majority_goes_on_alone(tmp_path: Path) -> None:
+    # After the standalone coordinator dies, the first member (peer0) holds the role. Cut it off: it must
+    # step down rather than evict the majority (which would make two swarms), the other three re-form and
+    # commit, and peer0 comes back into their swarm after the cable is back.
+    run = simulate(tmp_path, [Fault(3.0, "kill_coordinator"), Fault(8.0, "partition", "peer0", seconds=6.0)],
+                   peers=4, duration=24.0, link="100mbit")
+    cut = run.fault_time("partition")
+    holder = [a for a in run.hist if a["type"] == "attempt" and a["peer"] == "peer0" and a.get("committed")
+              and a["t"] - run.t0 < cut]
+    assert holder and holder[-1]["coordinator"], "peer0 did not hold the coordinator role when cut off"
+    during = [o for o in run.ops("commit", after=cut, before=cut + 6.0)]
+    assert during and all("peer0" not in o["members"] for o in during)
+    assert {"peer1", "peer2", "peer3"} <= set(during[-1]["members"])
+    assert run.events("peer0", "stale"), "the cut-off coordinator never stepped down"
+    assert [o for o in run.ops("commit", after=cut + 6.0) if "peer0" in o["members"]], "peer0 never came back"
+
+
+@needs_netns
 @pytest.mark.timeout(120)
 def test_peer_behind_a_slow_link(tmp_path: Path) -> None:
     # peer2 has 10 Mbit/s, the others 100: every 1 MB op is paced by peer2's link (~1.1 s), but it goes on.

@@ -226,7 +226,8 @@ def test_several_tcp_streams_per_neighbour(inproc: InProcess) -> None:
     from collectives.transport import Limits
 
     peers = form(inproc, 3, slice_bytes=16 * 1024, limits=Limits(streams=3))
-    assert all(len(link.data) == 2 for p in peers for link in p.node.transport.links.values())
+    # three data streams per neighbour, plus the control connection
+    assert all(len(link.data) == 3 for p in peers for link in p.node.transport.links.values())
     rng = np.random.default_rng(5)
     inputs = [rng.standard_normal(100_000).astype(np.float32) for _ in peers]
     bufs = [x.copy() for x in inputs]

@@ -156,3 +156,92 @@ def test_measured_bandwidth_reorders_the_ring_at_the_next_vote() -> None:
 def test_bandwidth_from_a_non_member_is_ignored() -> None:
     c = core_with(["a", "b", "c"])
     assert c.on_message("a", wire.BwReport(1, c.epoch, "zzz", 1e6), 0.0) == [] and not c.bw
+
+
+# ---------------------------------------------------------------------------------- partitions (one swarm)
+
+def embedded(members: list[str], now: float = 0.0) -> CoordinatorCore:
+    """A coordinator that is itself the first member (as after a failover)."""
+    return CoordinatorCore(members[0], addr(members[0]), T, now, term=2, epoch=5,
+                           members=[(m, addr(m)) for m in members])
+
+
+def beat(c: CoordinatorCore, who: list[str], t: float) -> None:
+    for m in who:
+        c.on_message(m, wire.Heartbeat(c.term, c.epoch), t)
+
+
+def test_a_coordinator_cut_off_with_a_minority_steps_down_instead_of_evicting_the_majority() -> None:
+    c = embedded(["a", "b", "c", "d", "e"])
+    c.on_message("b", wire.OpDone(2, 5, "w", 0, b"", ()), 0.0)
+    for t in (0.3, 0.6, 0.9, 1.2):  # the partition: only b is still heard
+        beat(c, ["b"], t)
+        out = c.tick(t)
+    assert c.lost_quorum and c.members == ["a", "b", "c", "d", "e"] and c.epoch == 5  # nobody evicted
+    assert msgs(out, wire.Stale, "b") and not msgs(out, wire.EpochUpdate)
+    assert [v.commit for v in msgs(out, wire.OpVerdict)] == [False] * 5  # its open op is aborted
+    # a joiner arriving now is not admitted: that is how the soak's split brain began
+    assert c.on_message("x", wire.Join("x", addr("x"), "default"), 1.3) == [] and c.tick(1.3) == []
+    assert c.members == ["a", "b", "c", "d", "e"]
+
+
+def test_a_coordinator_that_hears_a_majority_evicts_the_silent_minority() -> None:
+    c = embedded(["a", "b", "c", "d", "e"])
+    for t in (0.3, 0.6, 0.9, 1.2):
+        beat(c, ["b", "c"], t)
+        c.tick(t)
+    assert not c.lost_quorum and c.members == ["a", "b", "c"]
+
+
+def test_members_falling_silent_a_few_beats_apart_do_not_erode_the_majority() -> None:
+    # d and e went silent at 0.0, b and c at 0.3 (same partition): at 1.05 only d, e are past the deadline,
+    # but b and c have been silent for more than half of it, so a alone is no majority.
+    c = embedded(["a", "b", "c", "d", "e"])
+    beat(c, ["b", "c"], 0.3)
+    out = c.tick(1.05)
+    assert c.lost_quorum and len(c.members) == 5 and not msgs(out, wire.EpochUpdate)
+
+
+def test_a_standalone_coordinator_counts_itself_so_two_members_can_lose_one() -> None:
+    c = core_with(["a", "b"])
+    for t in (0.3, 0.6, 0.9, 1.2):
+        beat(c, ["a"], t)
+        c.tick(t)
+    assert not c.lost_quorum and c.members == ["a"]
+
+
+def test_an_embedded_coordinator_of_two_cannot_evict_its_silent_partner() -> None:
+    c = embedded(["a", "b"])
+    c.tick(1.2)
+    assert c.lost_quorum and c.members == ["a", "b"]
+
+
+def test_a_refused_connection_is_proof_and_needs_no_majority() -> None:
+    c = embedded(["a", "b", "c"])
+    c.on_link("b", "down", 0.1)
+    c.on_link("c", "down", 0.1)
+    out = c.on_link("b", "refused", 0.15) + c.on_link("c", "refused", 0.2)
+    assert c.members == ["a"] and not c.lost_quorum and msgs(out, wire.EpochUpdate)
+
+
+def test_a_suspect_report_of_a_down_link_evicts_only_with_a_majority() -> None:
+    c = embedded(["a", "b", "c", "d"])
+    for m in ("c", "d"):
+        c.on_link(m, "down", 0.0)
+    beat(c, ["b"], 0.1)
+    c.on_message("b", wire.Suspect(2, 5, "c", "link down"), 0.1)
+    assert "c" in c.members  # a, b of four: no majority without c and d
+    beat(c, ["d"], 0.2)
+    c.on_link("d", "up", 0.2)
+    c.on_message("b", wire.Suspect(2, 5, "c", "link down"), 0.2)
+    assert "c" not in c.members
+
+
+def test_rejoins_from_strangers_do_not_make_a_reform_quorum() -> None:
+    c = CoordinatorCore("c", addr("c"), T, 0.0, term=2, epoch=7,
+                        members=[("a", addr("a")), ("b", addr("b")), ("c", addr("c"))],
+                        reform_expected={"a", "b", "c"})
+    for p in ("c", "x", "y"):
+        c.on_message(p, wire.Rejoin(2, 7, addr(p), (), ()), 0.0)
+    c.tick(1.1)
+    assert c.failed_reform

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import pytest
 
+from collectives.transport import Transport
 from peer.proxy import Impairment, Proxy
 
 
@@ -229,3 +230,35 @@ def test_buffers_are_bounded(echo: Echo) -> None:
             x.close()
     finally:
         p.close()
+
+
+def _link_events(t: Transport, seconds: float) -> list[tuple[str, str]]:
+    from collectives.transport import LinkEvent
+
+    out, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        events, _ = t.poll(50)
+        out += [(e.peer, e.kind) for e in events if isinstance(e, LinkEvent)]
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_a_reset_connection_to_a_live_peer_is_not_reported_as_refused(proxy: Proxy) -> None:
+    """zmq says CONNECT_RETRIED for every scheduled reconnect; only a probe's ECONNREFUSED means 'gone'.
+    (The soak found live peers evicted as dead after a reset.)"""
+
+    a, b = Transport("a"), Transport("b")
+    try:
+        host, port = proxy.add_route("b", "127.0.0.1")
+        bhost, bport = b.addr.removeprefix("tcp://").rsplit(":", 1)
+        proxy.set_upstream("b", bhost, int(bport))
+        a.connect("b", f"tcp://{host}:{port}")
+        assert ("b", "up") in _link_events(a, 1.0)
+        assert proxy.reset("b") >= 1
+        after = _link_events(a, 2.0)
+        assert ("b", "down") in after and ("b", "up") in after and ("b", "refused") not in after
+        b.close()  # the process is gone: now the route refuses, and that is reported
+        assert ("b", "refused") in _link_events(a, 3.0)
+    finally:
+        a.close()
+        b.close()
