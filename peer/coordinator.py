@@ -179,7 +179,10 @@ class CoordinatorCore:
                 return [Connect(sender, addr), self._stale(sender, "not a member (evicted)")]
             return []
         if isinstance(msg, wire.Heartbeat):
-            return [Out(sender, wire.HeartbeatAck(self.term, self.epoch, self._wanted()))]
+            out: list[Action] = [Out(sender, wire.HeartbeatAck(self.term, self.epoch, self._wanted()))]
+            if msg.epoch < self.epoch and sender in self.members:
+                out += [a for a in self._epoch_update("repeated: you are behind") if a.to == sender]
+            return out
         if isinstance(msg, wire.Leave):
             return self.evict(sender, "left")
         if sender not in self.members:

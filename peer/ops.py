@@ -23,6 +23,7 @@ from peer.handle import Handle
 log = logging.getLogger(__name__)
 
 WORLD = "w"
+RESEND_S = 1.0        # an OpDone / OpFail without a verdict after this long is sent again
 EARLY_OVERHEAD = 512  # bytes charged per early chunk held (beyond its payload) against max_early_bytes
 
 
@@ -52,6 +53,8 @@ class OpRecord:
     last_progress: float
     backup: Optional[np.ndarray] = None  # the caller's buffer before an in-place op (restored on abort)
     state: str = "running"      # running -> awaiting (verdict) -> done; or failing -> done
+    request: Optional[wire.Message] = None  # the OpDone / OpFail sent for it (re-sent until a verdict)
+    asked: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -251,7 +254,11 @@ class OpEngine:
         dig = rec.core.digest() if (self.parity_digest and rec.core is not None) else b""
         rec.metrics["digest"] = dig.hex()
         members = () if rec.key[1] == WORLD else rec.members
-        self._to_coord(wire.OpDone(self.term, *rec.key, dig, members))
+        self._ask(rec, wire.OpDone(self.term, *rec.key, dig, members), now)
+
+    def _ask(self, rec: OpRecord, msg: wire.Message, now: float) -> None:
+        rec.request, rec.asked = msg, now
+        self._to_coord(msg)
 
     # ------------------------------------------------------------------ verdicts and deadlines
     def on_verdict(self, msg: wire.OpVerdict, now: float) -> None:
@@ -282,7 +289,7 @@ class OpEngine:
         if rec.state == "running":
             rec.state = "failing"
             members = () if rec.key[1] == WORLD else rec.members
-            self._to_coord(wire.OpFail(self.term, *rec.key, wire.clip(reason), members))
+            self._ask(rec, wire.OpFail(self.term, *rec.key, wire.clip(reason), members), now)
 
     def link_lost(self, peer: str, now: float) -> None:
         """A data connection to ``peer`` dropped: chunks in flight on it are gone (zmq does not resend after
@@ -295,6 +302,10 @@ class OpEngine:
         for rec in list(self.ops.values()):
             if rec.state == "running" and now - rec.last_progress > progress_timeout:
                 self._request_abort(rec, f"no progress for {now - rec.last_progress:.1f}s", now)
+            elif rec.request is not None and now - rec.asked > RESEND_S:
+                # A dropped connection loses what was queued on it: ask again (the coordinator's answer to
+                # a repeat is the same verdict, or "already decided").
+                self._ask(rec, rec.request, now)
 
     # ------------------------------------------------------------------ completion
     def _commit(self, rec: OpRecord, now: float) -> None:

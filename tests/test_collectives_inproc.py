@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from collectives import ring, tensors
+from collectives import ring, tensors, wire
 from collectives.errors import LocalError, OpAborted, OpTimeout, StaleError, TooFewPeers
 from peer import Swarm, Timeouts, with_retry
 from tests.conftest import FAST, InProcess, run_all
@@ -234,3 +234,23 @@ def test_several_tcp_streams_per_neighbour(inproc: InProcess) -> None:
     run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
     assert len({ring.digest(b) for b in bufs}) == 1
     np.testing.assert_allclose(bufs[0], np.sum(inputs, axis=0), rtol=1e-5, atol=1e-4)
+
+
+def test_a_lost_op_done_is_sent_again_and_the_op_commits(inproc: InProcess) -> None:
+    """zmq loses what was queued on a connection that drops; the member repeats its OpDone until a verdict."""
+    peers = form(inproc, 3)
+    engine = peers[1].node.engine
+    real, dropped = engine._to_coord, []
+
+    def lossy(msg: wire.Message) -> None:
+        if isinstance(msg, wire.OpDone) and not dropped:
+            dropped.append(msg)  # as if the connection to the coordinator dropped with it queued
+            return
+        real(msg)
+
+    engine._to_coord = lossy
+    bufs = [np.full(1000, i + 1, np.float32) for i in range(3)]
+    t0 = time.monotonic()
+    run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=20) for p, b in zip(peers, bufs)])
+    assert dropped and all(np.all(b == 6) for b in bufs)
+    assert time.monotonic() - t0 < 10  # the repeat, not an op deadline, finished it

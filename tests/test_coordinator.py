@@ -245,3 +245,10 @@ def test_rejoins_from_strangers_do_not_make_a_reform_quorum() -> None:
         c.on_message(p, wire.Rejoin(2, 7, addr(p), (), ()), 0.0)
     c.tick(1.1)
     assert c.failed_reform
+
+
+def test_a_member_behind_by_an_epoch_gets_the_epoch_update_again() -> None:
+    c = core_with(["a", "b", "c"])
+    out = c.on_message("a", wire.Heartbeat(1, c.epoch - 1), 0.1)  # its EpochUpdate was lost
+    assert msgs(out, wire.HeartbeatAck, "a") and msgs(out, wire.EpochUpdate, "a")[0].epoch == c.epoch
+    assert not msgs(c.on_message("b", wire.Heartbeat(1, c.epoch), 0.1), wire.EpochUpdate)
