@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 WORLD = "w"
 MAX_DECIDED = 8192
+MAX_OPEN_OPS = 1024  # ops with a commit request but no verdict yet
 REORDER_GAIN = 1.5  # reorder the ring only when its slowest link gets at least this much faster
 
 
@@ -279,6 +280,9 @@ class CoordinatorCore:
             if (group_id(members) != msg.group and not msg.group.startswith("p")) or \
                     not set(members) <= set(self.members) or sender not in members:
                 return [Out(sender, wire.OpVerdict(self.term, *key, False, self._wanted(), "bad group"))]
+        if key not in self.ops and len(self.ops) >= MAX_OPEN_OPS:
+            # Members have a handful of ops open at once; thousands are a member flooding our memory (I4).
+            return self.evict(sender, f"protocol: more than {MAX_OPEN_OPS} open ops")
         op = self.ops.setdefault(key, _Op(members))
         if isinstance(msg, wire.OpFail):
             return self._decide(key, op.members, False, f"{sender}: {msg.reason}")

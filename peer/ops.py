@@ -201,7 +201,11 @@ class OpEngine:
             return
         if msg.epoch < self.epoch or (msg.epoch == self.epoch and msg.seq < self.seq.get(msg.group, 0)):
             return  # stale: never applied
-        if msg.epoch > self.epoch + 16 or msg.seq > self.seq.get(msg.group, 0) + 64:
+        # Far ahead is a fault only for a peer that has an epoch: a joiner (epoch 0) can be sent data of the
+        # epoch that admits it before that EpochUpdate arrives on the control connection. Either way the
+        # early-data budget bounds what is held.
+        if (self.epoch and msg.epoch > self.epoch + 16) or \
+                (msg.epoch == self.epoch and msg.seq > self.seq.get(msg.group, 0) + 64):
             self._suspect(sender, f"protocol: chunk for op {wire.op_key(*key)} far ahead")
             return
         size = (len(payload) if payload is not None else 0) + EARLY_OVERHEAD  # empty chunks count too

@@ -252,3 +252,28 @@ def test_a_member_behind_by_an_epoch_gets_the_epoch_update_again() -> None:
     out = c.on_message("a", wire.Heartbeat(1, c.epoch - 1), 0.1)  # its EpochUpdate was lost
     assert msgs(out, wire.HeartbeatAck, "a") and msgs(out, wire.EpochUpdate, "a")[0].epoch == c.epoch
     assert not msgs(c.on_message("b", wire.Heartbeat(1, c.epoch), 0.1), wire.EpochUpdate)
+
+
+def test_a_joiner_holds_data_of_the_epoch_that_admits_it_but_a_member_flags_data_far_ahead() -> None:
+    from peer.ops import OpEngine
+
+    suspects: list[tuple[str, str]] = []
+    eng = OpEngine("j", 1 << 20, True, 1 << 20, lambda *a: None, lambda m: None,
+                   lambda p, r: suspects.append((p, r)))
+    chunk = wire.Chunk(40, "w", 0, 0, 0, 0, "float32", 4)
+    eng.on_chunk("a", chunk, b"\x00" * 16, 0.0)  # its EpochUpdate (epoch 40) is still on the way
+    assert not suspects and eng.early_bytes > 0
+    eng.new_epoch(1, 20, ["a", "j"], "joined")
+    eng.on_chunk("a", wire.Chunk(40, "w", 1, 0, 0, 0, "float32", 4), b"\x00" * 16, 0.1)
+    assert suspects and suspects[0][0] == "a" and "far ahead" in suspects[0][1]
+
+
+def test_a_member_flooding_commit_requests_for_new_ops_is_evicted() -> None:
+    from peer.coordinator import MAX_OPEN_OPS
+
+    c = core_with(["a", "b", "d"])
+    for seq in range(MAX_OPEN_OPS):
+        c.on_message("a", wire.OpDone(1, c.epoch, "w", seq, b"", ()), 0.0)
+    assert "a" in c.members and len(c.ops) == MAX_OPEN_OPS
+    out = c.on_message("a", wire.OpDone(1, c.epoch, "w", MAX_OPEN_OPS, b"", ()), 0.0)
+    assert "a" not in c.members and Drop("a") in out and not c.ops  # its ops were aborted with the epoch
