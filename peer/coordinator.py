@@ -297,6 +297,12 @@ class CoordinatorCore:
     def on_link(self, peer: str, kind: str, now: float) -> list[Action]:
         if peer not in self.members and peer not in self.pending:
             return []
+        if self.reforming:
+            if kind == "refused" and peer != self.me:  # proven gone: neither wait for it nor count it
+                self.reform_expected.discard(peer)
+                self.members.remove(peer)
+                self.addrs.pop(peer, None)
+            return []
         if kind == "up":
             self.down_since.pop(peer, None)
             return []

@@ -44,6 +44,7 @@ class FailoverMixin:
     last_member_addrs: list[str]
     last_members: list[tuple[str, str]]
     redirects: int
+    dead: set[str]
 
     def _remember_members(self) -> None:
         """Keep the last epoch's members and addresses: a stale peer looks for the swarm there."""
@@ -88,6 +89,9 @@ class FailoverMixin:
         self._next_candidate(now)
 
     def _next_candidate(self, now: float) -> None:
+        while self.reform_candidates and self.reform_candidates[0] in self.dead \
+                and self.reform_candidates[0] != self.id:
+            self.reform_candidates.pop(0)  # proven gone: do not wait for it
         if not self.reform_candidates:
             self._become_stale(wire.Stale(self.term, self.epoch, self.coord_id, self.coord_addr or self.addr,
                                           "no successor reachable"), now)
@@ -97,7 +101,7 @@ class FailoverMixin:
         rejoin = wire.Rejoin(self.reform_term, self.epoch, self.addr, tuple(self.engine.recent_committed),
                              tuple(self.engine.awaiting_keys()))
         if cand == self.id:
-            survivors = [(m, self.addrs[m]) for m in self.reform_candidates]
+            survivors = [(m, self.addrs[m]) for m in self.reform_candidates if m not in self.dead]
             self.coord = CoordinatorCore(self.id, self.addr, self.t, now, swarm=self.cfg.swarm,
                                          term=self.reform_term,
                                          epoch=self.epoch, members=survivors,

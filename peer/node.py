@@ -66,6 +66,7 @@ class Node(FailoverMixin):
         self.join_addrs = [normalize_addr(a) for a in cfg.join]
         self.last_member_addrs: list[str] = []  # where a stale peer also looks for the swarm
         self.last_members: list[tuple[str, str]] = []
+        self.dead: set[str] = set()  # peers whose host refused our connection since we last saw them up
         self.redirects = 0
         self.join_index = 0
         self.join_deadline = 0.0
@@ -200,6 +201,10 @@ class Node(FailoverMixin):
         elif isinstance(ev, LinkEvent) and ev.kind == "data_lost":
             self.engine.link_lost(ev.peer, now)
         elif isinstance(ev, LinkEvent):
+            if ev.kind == "refused":
+                self.dead.add(ev.peer)  # proof (its host refused): it cannot be in any swarm
+            elif ev.kind == "up":
+                self.dead.discard(ev.peer)
             if self.coord is not None:
                 self._apply(self.coord.on_link(ev.peer, ev.kind, now))
             if ev.peer == self.coord_id and self.coord is None:
@@ -455,7 +460,8 @@ class Node(FailoverMixin):
                     self.admitted.notify_all()
             elif now >= self.join_retry_at:
                 self._try_join(now)
-        elif self.state == "reforming" and now > self.reform_deadline:
+        elif self.state == "reforming" and (now > self.reform_deadline or self.reform_candidates[:1] and
+                                            self.reform_candidates[0] in self.dead):
             if self.reform_candidates:
                 self.reform_candidates.pop(0)
             self._next_candidate(now)

@@ -146,6 +146,25 @@ def test_coordinator_killed_swarm_keeps_committing(procs: LocalProcs, embedded: 
     assert resumed - killed_at < HB_TIMEOUT + 1.0 + 3, "re-forming took longer than the deadlines allow"
 
 
+@pytest.mark.timeout(90)
+def test_coordinator_and_successor_killed_together_the_last_peer_carries_on(procs: LocalProcs) -> None:
+    """Both deaths are proven (the hosts refuse connections), so b need not wait for a majority of
+    {a, b}: it re-forms alone, and a newcomer that joins through b trains with it."""
+    entry = procs.coordinator(extra=FAST_ARGS).hostport
+    procs.peer("a", [entry], _peer_args(40))
+    b = procs.peer("b", [entry], _peer_args(40))
+    time.sleep(3.0)
+    procs.kill("coordinator")
+    procs.kill("a")
+    killed_at = time.time()
+    procs.peer("d", [b.hostport], _peer_args(12))
+    procs.wait_done("d", 60)
+    records = procs.records(["b", "d"])
+    _assert_invariants(records)
+    together = [r for r in _committed(records, "d", killed_at) if sorted(r["members"]) == ["b", "d"]]
+    assert together, "b did not re-form alone and admit the newcomer"
+
+
 @pytest.mark.timeout(180)
 def test_churn_keeps_progress_and_parity(procs: LocalProcs) -> None:
     rng = random.Random(7)
