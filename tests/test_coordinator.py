@@ -277,3 +277,15 @@ def test_a_member_flooding_commit_requests_for_new_ops_is_evicted() -> None:
     assert "a" in c.members and len(c.ops) == MAX_OPEN_OPS
     out = c.on_message("a", wire.OpDone(1, c.epoch, "w", MAX_OPEN_OPS, b"", ()), 0.0)
     assert "a" not in c.members and Drop("a") in out and not c.ops  # its ops were aborted with the epoch
+
+
+def test_a_successor_does_not_wait_for_or_count_survivors_proven_gone() -> None:
+    c = CoordinatorCore("a", addr("a"), T, 0.0, term=2, epoch=7,
+                        members=[("a", addr("a")), ("b", addr("b")), ("c", addr("c"))],
+                        reform_expected={"a", "b", "c"})
+    c.on_message("a", wire.Rejoin(2, 7, addr("a"), (), ()), 0.0)
+    for p in ("b", "c"):
+        c.on_link(p, "down", 0.1)
+        c.on_link(p, "refused", 0.1)
+    out = c.tick(0.2)  # everyone still alive has checked in: no need to wait out the window
+    assert not c.failed_reform and c.members == ["a"] and msgs(out, wire.EpochUpdate)
