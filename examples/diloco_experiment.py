@@ -2,8 +2,11 @@
 
     python -m examples.diloco_experiment --out runs/diloco_experiment --warm-arms 150:25,30:25,30:50
     python -m examples.diloco_experiment --out runs/diloco_experiment --plot-only     # table + plot again
+    # then the outer momentum: for each momentum mu, outer lr = a * (1 - mu) for each amplification a
+    python -m examples.diloco_experiment --out runs/diloco_experiment --lrs 0.004 --H 10,25,50 \
+        --outer-momenta 0.5,0.7,0.8 --outer-amps 1,2,3 --warm-arms 30:25,30:50 --warm-outer-sweep
 
-(~60 runs of 0.5-2 CPU-minutes each; resumable: finished runs are kept in results.jsonl and skipped.)
+(~60 runs of 0.5-2 CPU-minutes each, ~60 more for the momentum sweep; resumable: finished runs are kept in results.jsonl and skipped.)
 
 Every arm sees the same data (each worker its own stream of random 64-byte windows of stdlib source, 16 per
 step) and the same initial weights per seed; every multi-worker arm processes the same total tokens (4
@@ -12,12 +15,14 @@ workers x 600 steps). Inner optimizer AdamW (betas 0.9/0.95), 30 warm-up steps t
 - ``single``: one worker alone for 600 steps (a quarter of the tokens): what one machine reaches meanwhile;
 - ``sync``: synchronous data parallel, gradients averaged every step (= one model on the 4 workers' batches);
 - ``diloco-H``: H inner steps per worker, then the average pseudo-gradient takes an outer Nesterov step
-  (momentum 0.9; ``peer.diloco.outer_sgd``, the code the swarm runs);
+  (momentum 0.9 unless ``--outer-momenta`` sweeps it; ``peer.diloco.outer_sgd``, the code the swarm runs);
 - ``avg-H``: plain parameter averaging every H steps (outer lr 1, no momentum);
-- ``*-warmW`` (``--warm-arms W:H``): the same after W synchronous steps (counted as W syncs).
+- ``*-warmW`` (``--warm-arms W:H``): the same after W synchronous steps (counted as W syncs; DiLoCo's outer
+  lr 0.7 and momentum 0.9 unless ``--warm-outer-sweep``).
 
-The inner learning rate (and DiLoCo's outer one, 0.2/0.4/0.7) is swept on seed 0, once more beyond any
-optimum at the edge of the grid; seed 1 runs at each arm's best configuration and the table reports the mean
+The inner learning rate (and DiLoCo's outer one, 0.2/0.4/0.7, and optionally its outer momentum) is swept on
+seed 0, once more beyond any optimum at the edge of the grid (an outer configuration tried at one inner LR
+only gets half and double that LR at its best); seed 1 runs at each arm's best configuration and the table reports the mean
 over both. Pass: the best DiLoCo arm with >= 10x fewer syncs than ``sync`` closes >= 60 % of the gap between
 ``single`` and ``sync``, and Nesterov is no worse than plain averaging under the same schedule.
 Writes results.jsonl, summary.json and loss.png (validation loss curves, best configuration per arm).
@@ -56,11 +61,14 @@ class Run:
     lr: float         # inner learning rate
     seed: int
     warm_sync: int = 0  # synchronous steps before the first DiLoCo round (the pilot's warm-up)
-    outer_lr: float = 0.7  # DiLoCo's outer learning rate (Nesterov, momentum 0.9); averaging uses 1.0
+    outer_lr: float = 0.7  # DiLoCo's outer learning rate (Nesterov); averaging uses 1.0
+    outer_momentum: float = 0.9  # DiLoCo's outer (Nesterov) momentum; averaging uses 0 (rows without it: 0.9)
 
     @property
-    def key(self) -> tuple[str, int, float, int, int, float]:
-        return (self.arm, self.H, self.lr, self.seed, self.warm_sync, self.outer_lr if self.arm == "diloco" else 0.0)
+    def key(self) -> tuple[str, int, float, int, int, float, float]:
+        d = self.arm == "diloco"
+        return (self.arm, self.H, self.lr, self.seed, self.warm_sync, self.outer_lr if d else 0.0,
+                self.outer_momentum if d else 0.0)
 
     @property
     def name(self) -> str:
@@ -115,7 +123,7 @@ def run_one(run: Run, corpus: Corpus) -> dict[str, Any]:
             opts.append(o)
         theta = flatten_params(params[0])
         mom = np.zeros_like(theta)
-        outer_lr, mu, nesterov = (run.outer_lr, 0.9, True) if run.arm == "diloco" else (1.0, 0.0, False)
+        outer_lr, mu, nesterov = (run.outer_lr, run.outer_momentum, True) if run.arm == "diloco" else (1.0, 0.0, False)
         step = sync_steps
         while step < STEPS:
             h = min(run.H, STEPS - step)
@@ -158,31 +166,48 @@ def _worker(run: Run) -> dict[str, Any]:
     return run_one(run, _CORPUS)
 
 
-def grid(lrs: list[float], seed: int, hs: list[int], outer_lrs: list[float]) -> list[Run]:
+def outer_configs(outer_lrs: list[float], momenta: list[float], amps: list[float]) -> list[tuple[float, float]]:
+    """(outer lr, momentum) pairs: every outer lr at every momentum, or, with ``amps``, outer lr = a * (1 - mu)
+    for each a (a = lr / (1 - mu) is the steady-state amplification of a constant pseudo-gradient)."""
+    if amps:
+        return [(round(a * (1 - mu), 6), mu) for mu in momenta for a in amps]
+    return [(o, mu) for mu in momenta for o in outer_lrs]
+
+
+def grid(lrs: list[float], seed: int, hs: list[int], outer: list[tuple[float, float]]) -> list[Run]:
     runs = []
     for lr in lrs:
         runs += [Run("single", 0, lr, seed), Run("sync", 1, lr, seed)]
         runs += [Run("avg", h, lr, seed) for h in hs]
-        runs += [Run("diloco", h, lr, seed, outer_lr=o) for h in hs for o in outer_lrs]
+    for h in hs:  # DiLoCo by sync interval, the first H first
+        runs += [Run("diloco", h, lr, seed, outer_lr=o, outer_momentum=mu) for lr in lrs for o, mu in outer]
     return runs
 
 
-def warm_arms(spec: str, lr: float, seeds: list[int]) -> list[Run]:
-    """``"150:25,30:50"``: DiLoCo (outer lr 0.7) and plain averaging after WARM synchronous steps, with sync
-    interval H, at one inner LR (not swept: the one tuned for the arms without warm-up)."""
+def warm_arms(spec: str, lr: float, seed: int, outer: list[tuple[float, float]]) -> list[Run]:
+    """``"150:25,30:50"``: DiLoCo (at each (outer lr, momentum) of ``outer``) and plain averaging after WARM
+    synchronous steps, with sync interval H, at one inner LR (not swept: the one tuned for the arms without
+    warm-up)."""
     runs = []
     for item in filter(None, spec.split(",")):
         warm, h = (int(x) for x in item.split(":"))
-        runs += [Run(arm, h, lr, seed, warm_sync=warm) for seed in seeds for arm in ("diloco", "avg")]
+        runs.append(Run("avg", h, lr, seed, warm_sync=warm))
+        runs += [Run("diloco", h, lr, seed, warm, o, mu) for o, mu in outer]
     return runs
 
 
+def _mu(r: dict[str, Any]) -> float:
+    """A result row's outer momentum (rows written before it was a parameter ran at 0.9)."""
+    return r.get("outer_momentum", 0.9)
+
+
 def _key(r: dict[str, Any]) -> tuple[Any, ...]:
-    return (r["arm"], r["H"], r["lr"], r["seed"], r["warm_sync"], r["outer_lr"] if r["arm"] == "diloco" else 0.0)
+    d = r["arm"] == "diloco"
+    return (r["arm"], r["H"], r["lr"], r["seed"], r["warm_sync"], r["outer_lr"] if d else 0.0, _mu(r) if d else 0.0)
 
 
 def best_configs(results: list[dict[str, Any]], seed: int) -> dict[str, dict[str, Any]]:
-    """Per arm, the run (inner LR, and outer LR for DiLoCo) with the lowest validation loss on the sweep seed."""
+    """Per arm, the run (inner LR, and outer LR and momentum for DiLoCo) with the lowest validation loss on the sweep seed."""
     best: dict[str, dict[str, Any]] = {}
     for r in results:
         if r["seed"] == seed and (r["name"] not in best or r["val_loss"] < best[r["name"]]["val_loss"]):
@@ -191,17 +216,18 @@ def best_configs(results: list[dict[str, Any]], seed: int) -> dict[str, dict[str
 
 
 def edge_extensions(results: list[dict[str, Any]], seed: int) -> list[Run]:
-    """If an arm's best inner LR is the smallest or largest it was tried with (at its best outer LR), one more
-    run a factor 2 beyond it: the sweep should bracket every arm's optimum."""
+    """If an arm's best inner LR is the smallest or largest it was tried with (at its best outer LR and
+    momentum), one more run a factor 2 beyond it: the sweep should bracket every arm's optimum. A best outer
+    configuration tried at one inner LR only gets both (not for warm-up arms: their inner LR is not swept)."""
     out = []
     for name, b in best_configs(results, seed).items():
         tried = sorted({r["lr"] for r in results if r["name"] == name and r["seed"] == seed
-                        and r.get("outer_lr") == b.get("outer_lr")})
-        if len(tried) < 2:
+                        and r.get("outer_lr") == b.get("outer_lr") and _mu(r) == _mu(b)})
+        if len(tried) < 2 and b["warm_sync"]:
             continue
         for edge, lr in ((tried[0], b["lr"] / 2), (tried[-1], b["lr"] * 2)):
             if b["lr"] == edge:
-                out.append(Run(b["arm"], b["H"], lr, seed, b["warm_sync"], b.get("outer_lr", 0.7)))
+                out.append(Run(b["arm"], b["H"], lr, seed, b["warm_sync"], b.get("outer_lr", 0.7), _mu(b)))
     return out
 
 
@@ -212,13 +238,15 @@ def summarize(results: list[dict[str, Any]], sweep_seed: int) -> dict[str, Any]:
     for name, b in picked.items():
         rs = [r for r in results if _key(r)[:3] + _key(r)[4:] == _key(b)[:3] + _key(b)[4:]]
         sweep = {}
-        for r in sorted(results, key=lambda r: (r.get("outer_lr", 0), r["lr"])):
+        for r in sorted(results, key=lambda r: (-_mu(r), r.get("outer_lr", 0), r["lr"])):
             if r["name"] == name and r["seed"] == sweep_seed:
-                k = f"{r['lr']:g}" + (f"/{r['outer_lr']:g}" if r["arm"] == "diloco" else "")
+                k = f"{r['lr']:g}" + (f"/{r['outer_lr']:g}/{_mu(r):g}" if r["arm"] == "diloco" else "")
                 sweep[k] = round(r["val_loss"], 4)
         lrs = sorted({r["lr"] for r in results if r["name"] == name and r["seed"] == sweep_seed
-                      and r.get("outer_lr") == b.get("outer_lr")})
-        table[name] = {"lr": b["lr"], "outer_lr": b.get("outer_lr") if b["arm"] == "diloco" else None,
+                      and r.get("outer_lr") == b.get("outer_lr") and _mu(r) == _mu(b)})
+        d = b["arm"] == "diloco"
+        table[name] = {"lr": b["lr"], "outer_lr": b.get("outer_lr") if d else None,
+                       "outer_momentum": _mu(b) if d else None,
                        "val_loss": float(np.mean([r["val_loss"] for r in rs])),
                        "seeds": {r["seed"]: round(r["val_loss"], 4) for r in rs}, "syncs": b["syncs"],
                        "sweep": sweep, "best_at_grid_edge": len(lrs) > 1 and b["lr"] in (lrs[0], lrs[-1])}
@@ -242,15 +270,16 @@ def print_table(summary: dict[str, Any]) -> None:
     t = summary["table"]
     order = sorted(t, key=lambda n: (n not in ("single", "sync"), "warm" in n, n.split("-")[0],
                                      int((n.split("-") + ["0"])[1]), n))
-    print(f"\n{'arm':<20}{'lr':>11}{'val loss':>10}{'per seed':>16}{'syncs':>7}{'gap closed':>12}"
-          f"   sweep (seed {summary['sweep_seed']}: inner lr[/outer lr] -> loss)")
+    print(f"\n{'arm':<20}{'lr':>15}{'val loss':>10}{'per seed':>16}{'syncs':>7}{'gap closed':>12}"
+          f"   sweep (seed {summary['sweep_seed']}: inner lr[/outer lr/outer momentum] -> loss)")
     for n in order:
         r = t[n]
         seeds = "/".join(f"{v:.3f}" for v in r["seeds"].values())
         edge = " (best at grid edge)" if r["best_at_grid_edge"] else ""
         sweep = ", ".join(f"{k}: {v:.3f}" for k, v in r["sweep"].items())
-        lr = f"{r['lr']:g}" + (f"/{r['outer_lr']:g}" if r["outer_lr"] is not None else "")
-        print(f"{n:<20}{lr:>11}{r['val_loss']:>10.3f}{seeds:>16}{r['syncs']:>7}"
+        lr = f"{r['lr']:g}" + (f"/{r['outer_lr']:g}/{r.get('outer_momentum', 0.9):g}"
+                               if r["outer_lr"] is not None else "")
+        print(f"{n:<20}{lr:>15}{r['val_loss']:>10.3f}{seeds:>16}{r['syncs']:>7}"
               f"{100 * r.get('gap_closed', float('nan')):>11.0f}%   {sweep}{edge}")
     if "passed" in summary:
         print(f"\nbest DiLoCo with >= 10x fewer syncs: {summary['best_diloco']} closes "
@@ -268,17 +297,17 @@ def bytes_per_outer_step(n_params: int, workers: int = WORKERS) -> dict[str, int
 
 def plot(results: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     from examples.pngplot import Series, line_plot
-    best = {n: (r["lr"], r["outer_lr"]) for n, r in summary["table"].items()}
+    best = {n: (r["lr"], r["outer_lr"], r.get("outer_momentum")) for n, r in summary["table"].items()}
     # one hue per sync schedule: DiLoCo solid, plain averaging dashed in the same hue
     hues = {"": (0, 0, 0), "10": (31, 119, 180), "25": (44, 160, 44), "50": (214, 39, 40),
             "25-warm150": (255, 127, 14), "25-warm30": (23, 190, 207), "50-warm30": (148, 103, 189)}
     series = []
-    for name, (lr, olr) in best.items():
+    for name, (lr, olr, mu) in best.items():
         runs = [r for r in results if r["name"] == name and r["lr"] == lr
-                and (olr is None or r.get("outer_lr") == olr)]
+                and (olr is None or (r.get("outer_lr") == olr and _mu(r) == mu))]
         steps = [s for s, _ in runs[0]["curve"]][1:]
         ys = [float(np.mean([dict(r["curve"])[s] for r in runs])) for s in steps]
-        label = f"{name} lr={lr:g}" + (f" outer={olr:g}" if olr is not None else "")
+        label = f"{name} lr={lr:g}" + (f" outer={olr:g} mom={mu:g}" if olr is not None else "")
         schedule = name.partition("-")[2]
         color = (130, 130, 130) if name == "single" else hues.get(schedule, (0, 128, 128))
         series.append(Series(label, steps, ys, color,
@@ -301,7 +330,8 @@ def _run_all(runs: list[Run], done: list[dict[str, Any]], res_path: Path, jobs: 
             f.flush()
             done.append(r)
             print(f"[{time.time() - t0:6.0f}s] {i + 1}/{len(todo)} {r['name']:<18} lr={r['lr']:<7g} "
-                  f"seed={r['seed']} val={r['val_loss']:.3f} ({r['seconds']:.0f}s)", flush=True)
+                  + (f"outer={r['outer_lr']:g}/{_mu(r):g} " if r["arm"] == "diloco" else "")
+                  + f"seed={r['seed']} val={r['val_loss']:.3f} ({r['seconds']:.0f}s)", flush=True)
 
 
 def main() -> None:
@@ -311,10 +341,16 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--H", default="10,25,50", help="sync intervals for DiLoCo and averaging")
     ap.add_argument("--outer-lrs", default="0.2,0.4,0.7", help="DiLoCo outer learning rates to sweep")
+    ap.add_argument("--outer-momenta", default="0.9", help="DiLoCo outer (Nesterov) momenta to sweep")
+    ap.add_argument("--outer-amps", default="", metavar="A,...",
+                    help="instead of --outer-lrs: outer lr = A * (1 - momentum) for each A (A = lr / (1 - mu), "
+                         "the steady-state amplification)")
     ap.add_argument("--warm-arms", default="", metavar="WARM:H,...",
                     help="extra arms: DiLoCo and averaging with sync interval H after WARM synchronous steps "
                          "(the pilot used 150:25)")
     ap.add_argument("--warm-lr", type=float, default=0.004, help="inner LR of the warm-up arms")
+    ap.add_argument("--warm-outer-sweep", action="store_true",
+                    help="sweep the warm-up arms' outer lr and momentum like the others' (default: 0.7, 0.9)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (1 thread each)")
     ap.add_argument("--steps", type=int, default=None, help="steps per worker (default 600; small for a smoke run)")
     ap.add_argument("--plot-only", action="store_true", help="re-render the table and plot from results.jsonl")
@@ -331,15 +367,16 @@ def main() -> None:
     if not a.plot_only:
         # phase 1: the LR sweep on the first seed (extended once where an optimum sits at the grid's edge);
         # phase 2: the other seeds at each arm's best configuration
-        sweep = grid([float(x) for x in a.lrs.split(",")], seeds[0], [int(x) for x in a.H.split(",")],
-                     [float(x) for x in a.outer_lrs.split(",")])
+        floats = lambda s: [float(x) for x in filter(None, s.split(","))]  # noqa: E731
+        outer = outer_configs(floats(a.outer_lrs), floats(a.outer_momenta), floats(a.outer_amps))
+        sweep = grid(floats(a.lrs), seeds[0], [int(x) for x in a.H.split(",")], outer)
+        sweep += warm_arms(a.warm_arms, a.warm_lr, seeds[0], outer if a.warm_outer_sweep else [(0.7, 0.9)])
         _run_all(sweep, done, res_path, a.jobs)
         _run_all(edge_extensions(done, seeds[0]), done, res_path, a.jobs)
         picked = best_configs(done, seeds[0])
-        confirm = [Run(b["arm"], b["H"], b["lr"], seed, b["warm_sync"], b.get("outer_lr", 0.7))
+        confirm = [Run(b["arm"], b["H"], b["lr"], seed, b["warm_sync"], b.get("outer_lr", 0.7), _mu(b))
                    for seed in seeds[1:] for b in picked.values()]
         _run_all(confirm, done, res_path, a.jobs)
-        _run_all(warm_arms(a.warm_arms, a.warm_lr, seeds), done, res_path, a.jobs)
     summary = summarize(done, seeds[0])
     n_params = sum(p.numel() for p in CharLM(MODEL).parameters())
     summary["model_params"] = n_params
