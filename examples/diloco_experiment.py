@@ -5,6 +5,9 @@
     # then the outer momentum: for each momentum mu, outer lr = a * (1 - mu) for each amplification a
     python -m examples.diloco_experiment --out runs/diloco_experiment --lrs 0.004 --H 10,25,50 \
         --outer-momenta 0.5,0.7,0.8 --outer-amps 1,2,3 --warm-arms 30:25,30:50 --warm-outer-sweep
+    # added after seeing those results (post hoc): H = 20 after 30 warm-up steps fills the 60-sync budget (59)
+    python -m examples.diloco_experiment --out runs/diloco_experiment --lrs 0.004 --H "" \
+        --outer-momenta 0.5,0.7 --outer-amps 1.5,2,3 --warm-arms 30:20 --warm-outer-sweep
 
 (~60 runs of 0.5-2 CPU-minutes each, ~60 more for the momentum sweep; resumable: finished runs are kept in results.jsonl and skipped.)
 
@@ -300,7 +303,8 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> 
     best = {n: (r["lr"], r["outer_lr"], r.get("outer_momentum")) for n, r in summary["table"].items()}
     # one hue per sync schedule: DiLoCo solid, plain averaging dashed in the same hue
     hues = {"": (0, 0, 0), "10": (31, 119, 180), "25": (44, 160, 44), "50": (214, 39, 40),
-            "25-warm150": (255, 127, 14), "25-warm30": (23, 190, 207), "50-warm30": (148, 103, 189)}
+            "25-warm150": (255, 127, 14), "25-warm30": (23, 190, 207), "50-warm30": (148, 103, 189),
+            "20-warm30": (227, 119, 194)}
     series = []
     for name, (lr, olr, mu) in best.items():
         runs = [r for r in results if r["name"] == name and r["lr"] == lr
@@ -339,7 +343,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/diloco_experiment", help="output directory")
     ap.add_argument("--lrs", default="0.002,0.004,0.008", help="inner learning rates to sweep")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--H", default="10,25,50", help="sync intervals for DiLoCo and averaging")
+    ap.add_argument("--H", default="10,25,50", help="sync intervals for DiLoCo and averaging (\"\": none, only the warm-up arms)")
     ap.add_argument("--outer-lrs", default="0.2,0.4,0.7", help="DiLoCo outer learning rates to sweep")
     ap.add_argument("--outer-momenta", default="0.9", help="DiLoCo outer (Nesterov) momenta to sweep")
     ap.add_argument("--outer-amps", default="", metavar="A,...",
@@ -369,7 +373,7 @@ def main() -> None:
         # phase 2: the other seeds at each arm's best configuration
         floats = lambda s: [float(x) for x in filter(None, s.split(","))]  # noqa: E731
         outer = outer_configs(floats(a.outer_lrs), floats(a.outer_momenta), floats(a.outer_amps))
-        sweep = grid(floats(a.lrs), seeds[0], [int(x) for x in a.H.split(",")], outer)
+        sweep = grid(floats(a.lrs), seeds[0], [int(x) for x in filter(None, a.H.split(","))], outer)
         sweep += warm_arms(a.warm_arms, a.warm_lr, seeds[0], outer if a.warm_outer_sweep else [(0.7, 0.9)])
         _run_all(sweep, done, res_path, a.jobs)
         _run_all(edge_extensions(done, seeds[0]), done, res_path, a.jobs)
