@@ -55,6 +55,7 @@ class OpRecord:
     state: str = "running"      # running -> awaiting (verdict) -> done; or failing -> done
     request: Optional[wire.Message] = None  # the OpDone / OpFail sent for it (re-sent until a verdict)
     asked: float = 0.0
+    completed: bool = False     # failing, but our part had finished (a commit verdict is still valid)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,7 +123,8 @@ class OpEngine:
             self._finish(rec, error_factory())
 
     def awaiting_keys(self) -> list[str]:
-        return [wire.op_key(*k) for k, r in self.ops.items() if r.state == "awaiting"]
+        return [wire.op_key(*k) for k, r in self.ops.items()
+                if r.state == "awaiting" or (r.state == "failing" and r.completed)]  # may have committed
 
     # ------------------------------------------------------------------ issuing
     def issue(self, spec: OpSpec, handle: Handle, now: float) -> None:
@@ -270,7 +272,7 @@ class OpEngine:
         if rec is None:
             return
         if msg.commit:
-            if rec.state != "awaiting":
+            if rec.state != "awaiting" and not (rec.state == "failing" and rec.completed):
                 log.error("%s: commit verdict for op %s in state %s", self.me, wire.op_key(*rec.key), rec.state)
                 self._finish(rec, ProtocolError("commit verdict for an op that is not complete here"))
                 return
@@ -290,16 +292,20 @@ class OpEngine:
             self._finish(rec, OpTimeout(f"point-to-point {wire.op_key(*rec.key)}: {reason}",
                                         epoch=rec.key[0], reason=reason))
             return
-        if rec.state == "running":
+        if rec.state in ("running", "awaiting"):
+            # An awaiting op (its part done, OpDone sent) may still be committed by a verdict already on
+            # its way: the coordinator decides once, and our result is complete either way.
+            rec.completed = rec.state == "awaiting"
             rec.state = "failing"
             members = () if rec.key[1] == WORLD else rec.members
             self._ask(rec, wire.OpFail(self.term, *rec.key, wire.clip(reason), members), now)
 
     def link_lost(self, peer: str, now: float) -> None:
         """A data connection to ``peer`` dropped: chunks in flight on it are gone (zmq does not resend after
-        a reconnect), so an op with ``peer`` in it would only wait for its progress deadline. Abort it now."""
+        a reconnect), so an op with ``peer`` in it would only wait for its progress deadline. Abort it now
+        (also when our own part is done: the lost chunk may have been our last one to ``peer``)."""
         for rec in list(self.ops.values()):
-            if rec.state == "running" and peer in rec.members and peer != self.me:
+            if rec.state in ("running", "awaiting") and peer in rec.members and peer != self.me:
                 self._request_abort(rec, f"connection to {peer} dropped", now)
 
     def tick(self, now: float, progress_timeout: float) -> None:

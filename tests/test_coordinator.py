@@ -289,3 +289,27 @@ def test_a_successor_does_not_wait_for_or_count_survivors_proven_gone() -> None:
         c.on_link(p, "refused", 0.1)
     out = c.tick(0.2)  # everyone still alive has checked in: no need to wait out the window
     assert not c.failed_reform and c.members == ["a"] and msgs(out, wire.EpochUpdate)
+
+
+def test_a_dropped_data_link_fails_an_op_whose_part_is_done_but_a_commit_verdict_still_commits() -> None:
+    import numpy as np
+
+    from peer.handle import Handle
+    from peer.ops import OpEngine, OpRecord, OpSpec
+
+    asked: list[wire.Message] = []
+    eng = OpEngine("j", 1 << 20, True, 1 << 20, lambda *a: None, asked.append, lambda p, r: None)
+    eng.new_epoch(1, 3, ["a", "j"], "test")
+    key = (3, "w", 0)
+    for verdict in (True, False):
+        h = Handle("barrier")
+        rec = OpRecord(OpSpec("barrier", []), None, h, key, ("a", "j"), np.empty(0, np.float32), 0.0, 0.0,
+                       state="awaiting")
+        eng.ops[key] = rec
+        eng.link_lost("a", 1.0)  # our last chunk to a may have gone down with the connection
+        assert isinstance(asked[-1], wire.OpFail) and rec.state == "failing"
+        assert eng.awaiting_keys() == [wire.op_key(*key)]  # in doubt: a successor must resolve it
+        eng.on_verdict(wire.OpVerdict(1, *key, verdict, 0, "decided before our OpFail" if verdict else "x"), 1.1)
+        assert h.done and key not in eng.ops
+        if verdict:
+            assert h.wait(0) is None  # committed, not an error
