@@ -19,10 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 from examples.train_swarm import format_round
-from peer.procs import REPO_ROOT, LocalProcs, Proc
+from peer.procs import LocalProcs, Proc
 
 # failure detection sized for one loaded machine (the defaults are sized for the internet)
 FAST = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--coordinator-timeout", "3",
@@ -37,20 +37,8 @@ class TrainProcs(LocalProcs):
         args = ["--id", name, "--join", ",".join(join), "--events", *self.security_args(name), *extra]
         if hold:
             args.append("--hold")
-        stderr_path = self.workdir / f"{name}.log"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        env.setdefault("OMP_NUM_THREADS", "1")
-        err: IO[str] = open(stderr_path, "a", encoding="utf-8")
-        try:
-            popen = subprocess.Popen([self.python, "-m", "examples.train_swarm", *args], stdout=subprocess.PIPE,
-                                     stderr=err, stdin=subprocess.PIPE if hold else subprocess.DEVNULL,
-                                     text=True, env=env, cwd=str(self.workdir))
-        finally:
-            err.close()
-        proc = Proc(name, popen, stderr_path=stderr_path)
-        self.procs[name] = proc
-        return proc
+        return self.start(name, "examples.train_swarm", args,
+                          stdin=subprocess.PIPE if hold else subprocess.DEVNULL)
 
     def release(self, name: str) -> None:
         """Let a ``hold`` trainer join the swarm now."""

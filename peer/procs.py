@@ -71,19 +71,24 @@ class LocalProcs:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _spawn(self, name: str, args: list[str], ready_timeout: float) -> Proc:
+    def start(self, name: str, module: str, args: list[str], stdin: int = subprocess.DEVNULL) -> Proc:
+        """``python -m module args`` in the work dir, stderr to ``<name>.log``; tracked for clean-up."""
         stderr_path = self.workdir / f"{name}.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("OMP_NUM_THREADS", "1")
         err: IO[str] = open(stderr_path, "a", encoding="utf-8")
         try:
-            popen = subprocess.Popen([self.python, "-m", "peer", *args], stdout=subprocess.PIPE, stderr=err,
-                                     stdin=subprocess.DEVNULL, text=True, env=env, cwd=str(self.workdir))
+            popen = subprocess.Popen([self.python, "-m", module, *args], stdout=subprocess.PIPE, stderr=err,
+                                     stdin=stdin, text=True, env=env, cwd=str(self.workdir))
         finally:
             err.close()
         proc = Proc(name, popen, stderr_path=stderr_path)
         self.procs[name] = proc
+        return proc
+
+    def _spawn(self, name: str, args: list[str], ready_timeout: float) -> Proc:
+        proc = self.start(name, "peer", args)
         line = self._read_line(proc, ready_timeout)
         if line.get("event") != "listening":
             raise RuntimeError(f"{name} did not start: {line}; log: {self.log_tail(name)}")

@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from collectives import keys
 from peer import Swarm
-from tests.conftest import InProcess, run_all
+from tests.conftest import form_swarm, run_all
 
 
 def hostport(addr: str) -> tuple[str, int]:
@@ -197,20 +197,7 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def form(inproc: InProcess, n: int, **kw: Any) -> tuple[Swarm, list[Swarm]]:
-    """A standalone coordinator and ``n`` peers p0.. all admitted (in-process, secure by default)."""
-    coord = inproc.coordinator(**kw)
-    entry = coord.addr.removeprefix("tcp://")
-    peers = [inproc.peer(f"p{i}", [entry], **kw) for i in range(n)]
-    deadline = time.monotonic() + 20
-    while any(len(p.members) < n or p.state != "member" for p in peers):
-        assert time.monotonic() < deadline, [p.state for p in peers]
-        members = [p for p in peers if p.state == "member"]
-        if len(members) >= 2 and coord.node.coord is not None and coord.node.coord.pending:
-            run_all([p.update_topology for p in members])
-        else:
-            time.sleep(0.05)
-    return coord, peers
+form = form_swarm  # a standalone coordinator and n admitted peers p0..
 
 
 def all_reduce_ok(peers: list[Swarm], timeout: float = 20.0) -> None:

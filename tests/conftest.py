@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -115,3 +116,19 @@ def run_all(fns: list[Callable[[], Any]], timeout: float = 60.0) -> list[Any]:
         t.join(timeout)
         assert not t.is_alive(), "a collective did not return in time"
     return results
+
+
+def form_swarm(inproc: InProcess, n: int, **kw: Any) -> tuple[Swarm, list[Swarm]]:
+    """A standalone coordinator and ``n`` peers p0.. all admitted (in-process, secure by default)."""
+    coord = inproc.coordinator(**kw)
+    entry = coord.addr.removeprefix("tcp://")
+    peers = [inproc.peer(f"p{i}", [entry], **kw) for i in range(n)]
+    deadline = time.monotonic() + 20
+    while any(len(p.members) < n or p.state != "member" for p in peers):
+        assert time.monotonic() < deadline, [p.state for p in peers]
+        members = [p for p in peers if p.state == "member"]
+        if len(members) >= 2 and coord.node.coord is not None and coord.node.coord.pending:
+            run_all([p.update_topology for p in members])
+        else:
+            time.sleep(0.05)
+    return coord, peers

@@ -11,24 +11,14 @@ import torch
 from collectives import ring, tensors, wire
 from collectives.errors import LocalError, OpAborted, OpTimeout, StaleError, TooFewPeers
 from peer import Swarm, Timeouts, with_retry
-from tests.conftest import FAST, InProcess, run_all
+from tests.conftest import FAST, InProcess, form_swarm, run_all
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def form(inproc: InProcess, n: int, **kw: object) -> list[Swarm]:
     """A standalone coordinator and ``n`` peers, all admitted."""
-    coord = inproc.coordinator(**kw)
-    peers = [inproc.peer(f"p{i}", [coord.addr.removeprefix("tcp://")], **kw) for i in range(n)]
-    deadline = time.monotonic() + 20
-    while any(len(p.members) < n or p.state != "member" for p in peers):
-        assert time.monotonic() < deadline, [p.state for p in peers]
-        members = [p for p in peers if p.state == "member"]
-        if len(members) >= 2 and coord.node.coord is not None and coord.node.coord.pending:
-            run_all([p.update_topology for p in members])
-        else:
-            time.sleep(0.05)
-    return peers
+    return form_swarm(inproc, n, **kw)[1]
 
 
 def _as_numpy(t: object) -> np.ndarray:
