@@ -23,6 +23,7 @@ from peer.handle import Handle
 log = logging.getLogger(__name__)
 
 WORLD = "w"
+MAX_EARLY_ABORTS = 256
 RESEND_S = 1.0        # an OpDone / OpFail without a verdict after this long is sent again
 EARLY_OVERHEAD = 512  # bytes charged per early chunk held (beyond its payload) against max_early_bytes
 
@@ -95,6 +96,9 @@ class OpEngine:
         self.ops: dict[tuple[int, str, int], OpRecord] = {}
         self.early: dict[tuple[int, str, int], list[tuple[str, wire.Chunk, Any]]] = {}
         self.early_bytes = 0
+        # abort verdicts for ops we have not issued yet (the others failed them first): issuing one fails at
+        # once, so we stay in step with the others instead of waiting out a deadline on a dead op
+        self.early_aborts: collections.OrderedDict[tuple[int, str, int], str] = collections.OrderedDict()
         self.seq: dict[str, int] = {}
         self.epoch = 0
         self.term = 0
@@ -110,6 +114,7 @@ class OpEngine:
     def new_epoch(self, term: int, epoch: int, members: list[str], reason: str) -> None:
         self.term, self.epoch, self.members = term, epoch, list(members)
         self.seq.clear()
+        self.early_aborts.clear()
         self.pending = 0  # every member of the new epoch starts from the same count
         for key, rec in list(self.ops.items()):
             if key[0] < epoch:
@@ -158,6 +163,11 @@ class OpEngine:
         seq = self.seq.get(gid, 0)
         self.seq[gid] = seq + 1
         key = (self.epoch, gid, seq)
+        if key in self.early_aborts:
+            reason = self.early_aborts.pop(key)
+            self._drop_early(key)
+            raise OpAborted(f"op {wire.op_key(*key)} aborted before it started here: {reason}",
+                            epoch=self.epoch, reason=reason)
         opid = ring.OpId(*key)
         work = spec.views[0] if len(spec.views) == 1 else np.concatenate(spec.views)
         core: Any
@@ -270,6 +280,10 @@ class OpEngine:
     def on_verdict(self, msg: wire.OpVerdict, now: float) -> None:
         rec = self.ops.get((msg.epoch, msg.group, msg.seq))
         if rec is None:
+            if not msg.commit and msg.epoch == self.epoch and msg.seq >= self.seq.get(msg.group, 0):
+                self.early_aborts[(msg.epoch, msg.group, msg.seq)] = msg.reason
+                while len(self.early_aborts) > MAX_EARLY_ABORTS:
+                    self.early_aborts.popitem(last=False)
             return
         if msg.commit:
             if rec.state != "awaiting" and not (rec.state == "failing" and rec.completed):

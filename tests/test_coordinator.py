@@ -310,6 +310,28 @@ def test_a_dropped_data_link_fails_an_op_whose_part_is_done_but_a_commit_verdict
         assert isinstance(asked[-1], wire.OpFail) and rec.state == "failing"
         assert eng.awaiting_keys() == [wire.op_key(*key)]  # in doubt: a successor must resolve it
         eng.on_verdict(wire.OpVerdict(1, *key, verdict, 0, "decided before our OpFail" if verdict else "x"), 1.1)
-        assert h.done and key not in eng.ops
+        assert h.done() and key not in eng.ops
         if verdict:
             assert h.wait(0) is None  # committed, not an error
+
+
+def test_an_abort_verdict_that_arrives_before_the_op_is_issued_fails_it_at_once() -> None:
+    """The soak's 51 s stall: the others failed op w:7 before this member issued it; the verdict was dropped,
+    the member then ran w:7 alone while the others ran w:8, and each round timed out one op apart."""
+    import numpy as np
+
+    from collectives.errors import OpAborted
+    from peer.handle import Handle
+    from peer.ops import OpEngine, OpSpec
+
+    sent: list[wire.Message] = []
+    eng = OpEngine("j", 1 << 20, True, 1 << 20, lambda *a: None, sent.append, lambda p, r: None)
+    eng.new_epoch(1, 3, ["a", "j"], "test")
+    eng.on_verdict(wire.OpVerdict(1, 3, "w", 0, False, 0, "a: connection to b dropped"), 0.0)
+    h = Handle("barrier")
+    eng.issue(OpSpec("barrier", [np.zeros(0, np.float32)]), h, 0.1)
+    with pytest.raises(OpAborted, match="before it started here"):
+        h.wait(0)
+    h2 = Handle("barrier")
+    eng.issue(OpSpec("barrier", [np.zeros(0, np.float32)]), h2, 0.2)
+    assert (3, "w", 1) in eng.ops and not h2.done()  # in step with the others again
