@@ -13,8 +13,8 @@ from collectives.errors import LocalError
 from peer.diloco import DiLoCo, flatten_params, fragment_bounds, outer_sgd, state_digest
 from tests.conftest import InProcess, run_all
 from tests.test_collectives_inproc import form
-from tests.test_diloco import (_load, assert_parity, batch, by_revision, check, die_in_average, local_step,
-                               make_inner, make_model, ref_outer, ring_sum, train)
+from tests.test_diloco import (BATCH, H, LR, _load, assert_parity, batch, by_revision, check, die_in_average,
+                               local_step, make_inner, make_model, ref_outer, ring_sum, train)
 
 pytestmark = pytest.mark.timeout(90)
 
