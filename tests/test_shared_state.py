@@ -79,8 +79,9 @@ def test_member_with_different_names_is_refused_others_proceed(inproc: InProcess
     states[2] = SharedState(odd.tensors)
     results = run_sync(peers, states)
     assert isinstance(results[2], StateMismatch)
-    assert not isinstance(results[0], Exception) and results[0].members == [p.id for p in peers
-                                                                             if p.id != peers[2].id]
+    # (the ring order may change with the measured bandwidth; membership is what matters)
+    assert not isinstance(results[0], Exception) and sorted(results[0].members) == sorted(
+        p.id for p in peers if p.id != peers[2].id)
 
 
 def test_source_serving_bad_bytes_is_caught_and_skipped(inproc: InProcess) -> None:
