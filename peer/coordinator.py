@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 WORLD = "w"
 MAX_DECIDED = 8192
+REPEAT_VERDICTS = 64  # recent verdicts repeated to a member whose connection dropped and came back
 MAX_OPEN_OPS = 1024  # ops with a commit request but no verdict yet
 REORDER_GAIN = 1.5  # reorder the ring only when its slowest link gets at least this much faster
 
@@ -305,7 +306,7 @@ class CoordinatorCore:
             return []
         if kind == "up":
             self.down_since.pop(peer, None)
-            return []
+            return self._repeat_verdicts(peer)
         if kind == "down":
             self.down_since.setdefault(peer, now)
             return []
@@ -314,6 +315,17 @@ class CoordinatorCore:
         if kind == "auth_failed":
             return self.evict(peer, "authentication failed")
         return []
+
+    def _repeat_verdicts(self, peer: str) -> list[Action]:
+        """Our connection to ``peer`` dropped and is back: verdicts queued on it may be lost (zmq does not
+        resend), and a member still running an aborted op would wait out its deadline. Repeat this epoch's
+        recent verdicts; a member ignores those it has already applied."""
+        out: list[Action] = []
+        for skey, commit in list(self.decided.items())[-REPEAT_VERDICTS:]:
+            e, g, s = wire.parse_op_key(skey)
+            if e == self.epoch:
+                out.append(Out(peer, wire.OpVerdict(self.term, e, g, s, commit, self._wanted(), "repeated")))
+        return out
 
     def tick(self, now: float) -> list[Action]:
         if self.lost_quorum:

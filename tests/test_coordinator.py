@@ -335,3 +335,14 @@ def test_an_abort_verdict_that_arrives_before_the_op_is_issued_fails_it_at_once(
     h2 = Handle("barrier")
     eng.issue(OpSpec("barrier", [np.zeros(0, np.float32)]), h2, 0.2)
     assert (3, "w", 1) in eng.ops and not h2.done()  # in step with the others again
+
+
+def test_verdicts_are_repeated_to_a_member_whose_connection_came_back() -> None:
+    """A corrupted or reset connection loses what was queued on it, an abort verdict included; the member
+    would run the aborted op until its progress deadline, one op behind the others."""
+    c = core_with(["a", "b", "d"])
+    c.on_message("a", wire.OpFail(1, c.epoch, "w", 5, "connection to b dropped", ()), 0.0)
+    c.on_link("b", "down", 0.1)
+    out = c.on_link("b", "up", 0.2)
+    again = msgs(out, wire.OpVerdict, "b")
+    assert [(v.seq, v.commit) for v in again] == [(5, False)]
