@@ -302,9 +302,13 @@ class Transport:
         self._probes[s.fileno()] = (peer, s, time.monotonic() + PROBE_TIMEOUT_S)
         self.poller.register(s.fileno(), zmq.POLLOUT)
 
-    def _finish_probe(self, fd: int) -> None:
+    def _end_probe(self, fd: int) -> tuple[str, socket.socket]:
         peer, s, _ = self._probes.pop(fd)
         self.poller.unregister(fd)
+        return peer, s
+
+    def _finish_probe(self, fd: int) -> None:
+        peer, s = self._end_probe(fd)
         self._probe_result(peer, s, s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
 
     def _probe_result(self, peer: str, s: socket.socket, err: int) -> None:
@@ -315,11 +319,9 @@ class Transport:
 
     def _expire_probes(self) -> None:
         now = time.monotonic()
-        for fd, (_, s, deadline) in list(self._probes.items()):
+        for fd, (_, _, deadline) in list(self._probes.items()):
             if now > deadline:  # no answer: a partition or a slow host, not a refusal
-                self._probes.pop(fd)
-                self.poller.unregister(fd)
-                s.close()
+                self._end_probe(fd)[1].close()
 
     def _drain_router(self) -> Iterator[Event]:
         for _ in range(self.limits.max_batch):
@@ -473,10 +475,8 @@ class Transport:
         if self.closed:
             return
         self.closed = True
-        for fd, (_, s, _) in list(self._probes.items()):
-            self.poller.unregister(fd)
-            s.close()
-        self._probes.clear()
+        for fd in list(self._probes):
+            self._end_probe(fd)[1].close()
         for peer in list(self.links):
             self.disconnect(peer)
         self.router.disable_monitor()

@@ -41,7 +41,6 @@ class FailoverMixin:
     old_coord_id: str
     old_coord_addr: str
     join_addrs: list[str]
-    last_member_addrs: list[str]
     last_members: list[tuple[str, str]]
     redirects: int
     dead: set[str]
@@ -54,7 +53,6 @@ class FailoverMixin:
         found = [(m, a) for m, a in found if a and m != self.id and a != self.addr]
         if found:
             self.last_members = found
-            self.last_member_addrs = [a for _, a in found]
 
     def _step_down(self, now: float) -> None:
         """Our coordinator core lost its quorum: give up the role (its ops are already aborted)."""

@@ -64,8 +64,7 @@ class Node(FailoverMixin):
         self.last_ack = time.monotonic()
         self.coord_down_since: Optional[float] = None
         self.join_addrs = [normalize_addr(a) for a in cfg.join]
-        self.last_member_addrs: list[str] = []  # where a stale peer also looks for the swarm
-        self.last_members: list[tuple[str, str]] = []
+        self.last_members: list[tuple[str, str]] = []  # (id, addr): where a stale peer also looks for the swarm
         self.dead: set[str] = set()  # peers whose host refused our connection since we last saw them up
         self.redirects = 0
         self.join_index = 0
@@ -408,7 +407,7 @@ class Node(FailoverMixin):
             self.state = "pending"
             return
         first = [self.coord_addr] if self.coord_addr and self.coord_addr != self.addr else []
-        self.join_addrs = list(dict.fromkeys(first + self.join_addrs + self.last_member_addrs))
+        self.join_addrs = list(dict.fromkeys(first + self.join_addrs + [a for _, a in self.last_members]))
         self._try_join(now)
 
     def _try_join(self, now: float) -> None:
