@@ -22,7 +22,7 @@ import torch
 from collectives import keys
 from examples.charlm import CharLM, LMConfig, load_corpus, param_count
 from peer.config import PeerConfig, SecurityConfig, Timeouts
-from peer.diloco import DiLoCo
+from peer.train.diloco import DiLoCo
 from peer.swarm import Swarm
 
 WIDTH = {"none": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0}
@@ -55,9 +55,8 @@ def main() -> None:
         per_round: list[float] = []
         try:
             def train(i: int, s: Swarm) -> None:
-                from peer.workload import wait_for_members
                 s.wait_admitted(60)
-                wait_for_members(s, a.peers, 60)
+                s.wait_for_members(a.peers, 60)
                 torch.manual_seed(0)
                 model = CharLM(cfg)
                 opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), 1e-3), s, inner_steps=a.inner_steps,

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from examples.charlm import CharLM, Corpus, LMConfig, evaluate, load_corpus
-from peer.diloco import flatten_params, load_params, outer_sgd
+from peer.train.diloco import flatten_params, load_params, outer_sgd
 
 WORKERS, BATCH = 4, 16
 STEPS = int(os.environ.get("DILOCO_EXPERIMENT_STEPS", "600"))  # steps per worker (--steps sets it)

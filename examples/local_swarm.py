@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from examples.train_swarm import format_round
-from peer.procs import LocalProcs, Proc
+from peer.sim.procs import LocalProcs, Proc
 
 # failure detection sized for one loaded machine (the defaults are sized for the internet)
 FAST = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--coordinator-timeout", "3",

@@ -27,9 +27,8 @@ import torch
 from examples.charlm import CharLM, LMConfig, evaluate, load_corpus, param_count
 from peer.cli import _net_args, _security, _setup_logging, _timeouts, _timeouts_args
 from peer.config import PeerConfig
-from peer.diloco import DiLoCo, RoundRecord
+from peer.train.diloco import DiLoCo, RoundRecord
 from peer.swarm import Swarm, new_peer_id
-from peer.workload import wait_for_members
 
 log = logging.getLogger("train_swarm")
 
@@ -118,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         swarm.wait_admitted(timeout=600)
         if a.wait_for:
-            wait_for_members(swarm, a.wait_for, timeout=600)
+            swarm.wait_for_members(a.wait_for, timeout=600)
         state: dict[str, Any] = {"loss": 0.0, "n": 0, "val0": None, "samples": 0}
 
         def on_round(rec: RoundRecord) -> None:

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "namespace with tbf-shaped links; loopback without root), optionally "
                                      "behind a delaying proxy; inject faults from a seed or a schedule; record "
                                      "a history and check the invariants on it (see peer/simulate.py).")
-    from peer.simreport import add_args as add_simulate_args
+    from peer.sim.report import add_args as add_simulate_args
 
     add_simulate_args(sim)
 
@@ -218,7 +218,9 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 
 
 def cmd_peer(a: argparse.Namespace) -> int:
-    from peer.workload import AllReduceWorkload, run_allreduce, run_bench, run_catchup
+    from peer.bench.catchup import run_catchup
+    from peer.bench.worker import bench_worker
+    from peer.sim.workload import AllReduceWorkload, run_allreduce
 
     pid = a.id or new_peer_id()
     _setup_logging(a.log_level, pid)
@@ -247,7 +249,7 @@ def cmd_peer(a: argparse.Namespace) -> int:
         elif a.workload.startswith("catchup"):
             summary = run_catchup(swarm, a.state_mb, a.workload == "catchup-joiner", a.expect)
         elif a.workload == "bench":
-            summary = run_bench(swarm, a.elems, a.ops or 10, a.warmup, a.expect,
+            summary = bench_worker(swarm, a.elems, a.ops or 10, a.warmup, a.expect,
                                 codec=None if a.codec == "none" else a.codec)
         else:
             w = AllReduceWorkload(elems=a.elems, ops=a.ops, duration=a.duration, pause=a.pause,
@@ -292,19 +294,19 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "peer":
         return cmd_peer(a)
     if a.cmd == "demo":
-        from peer.demo import run_demo
+        from peer.sim.demo import run_demo
 
         return run_demo(a)
     if a.cmd == "simulate":
-        from peer.simreport import run_cli
+        from peer.sim.report import run_cli
 
         return run_cli(a)
     if a.cmd == "bench" and a.bench == "join":
-        from peer.bench_join import run_join_bench
+        from peer.bench.join import run_join_bench
 
         return run_join_bench(a)
     if a.cmd == "bench":
-        from peer.bench import run_bench
+        from peer.bench.allreduce import run_bench
 
         return run_bench(a)
     return 2

@@ -13,7 +13,7 @@ from typing import Any
 
 from collectives import wire
 from collectives.errors import CoordinatorUnavailable
-from peer.coordinator import CoordinatorCore
+from peer.core.coordinator import CoordinatorCore
 
 log = logging.getLogger("peer.node")
 

@@ -30,11 +30,11 @@ from collectives.errors import (CoordinatorUnavailable, LocalError, ProtocolErro
                                 WireError)
 from collectives.transport import Bad, LinkEvent, Received, Transport
 from peer.config import PeerConfig, normalize_addr
-from peer.coordinator import Action, Connect, CoordinatorCore, Drop, Out
+from peer.core.coordinator import Action, Connect, CoordinatorCore, Drop, Out
 from peer.handle import Handle
-from peer.ops import OpEngine, OpSpec
+from peer.core.ops import OpEngine, OpSpec
 from peer.failover import FailoverMixin
-from peer.probes import Probes
+from peer.core.probes import Probes
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Node(FailoverMixin):
         self.reform_deadline = 0.0
         self.early_rejoins: list[tuple[str, wire.Rejoin]] = []
         self.engine = OpEngine(self.id, cfg.slice_bytes, cfg.parity_digest, cfg.max_early_bytes,
-                               self._send, self._to_coordinator, self._suspect)
+                               self._send, self._to_coordinator, self._suspect, clock=time.monotonic)
         self.admitted = threading.Condition()
         self.topology_waiters: list[Handle] = []
         self.events: list[tuple[float, str, str]] = []  # (wall time, kind, detail): membership history
@@ -87,7 +87,7 @@ class Node(FailoverMixin):
         self._thread = threading.Thread(target=self._run, name=f"swarm-{self.id}", daemon=True)
         self.error: Optional[BaseException] = None
         self._last_hb = 0.0
-        self.probes = Probes(self._send)
+        self.probes = Probes(self._send, time.perf_counter)
         self._join_addr = ""
         self._last_tick = time.monotonic()
         self.old_coord_id = ""

@@ -22,7 +22,7 @@ from collectives.errors import (DeadlineExceeded, LocalError, OpAborted, StaleEr
 from peer.config import PeerConfig
 from peer.handle import Handle
 from peer.node import Node
-from peer.ops import OpSpec
+from peer.core.ops import OpSpec
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 300.0
@@ -234,6 +234,24 @@ class Swarm:
                     raise DeadlineExceeded(f"epoch did not change within {timeout:.1f}s")
                 self.node.admitted.wait(min(left, 0.1))
         return self.node.epoch
+
+    def wait_for_members(self, expect: int, timeout: float) -> None:
+        """Collective loop: barriers (which carry the pending count) and topology updates until ``expect``
+        members are in. Every member takes the same branches, so no one waits on a vote alone."""
+        deadline = time.monotonic() + timeout
+        while len(self.members) < expect:
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"only {len(self.members)} of {expect} peers joined")
+            try:
+                if self.peers_pending:
+                    self.update_topology(timeout=timeout)
+                else:
+                    self.comm.barrier(timeout=timeout)
+            except TooFewPeers:
+                try:
+                    self.wait_epoch_change(self.epoch, 0.5)
+                except DeadlineExceeded:
+                    pass  # still alone; keep waiting until the overall deadline
 
     def update_topology(self, timeout: float = 60.0) -> int:
         """Collective: every member calls it between steps; pending joiners are admitted. Returns the epoch."""

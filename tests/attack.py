@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from collectives import keys
 from peer import Swarm
-from tests.conftest import form_swarm, run_all
+from tests.helpers import form_swarm, run_all
 
 
 def hostport(addr: str) -> tuple[str, int]:

@@ -1,0 +1,1 @@
+"""Benchmarks that measure their baseline in the same run."""

@@ -1,0 +1,38 @@
+"""The peer side of ``swarmtrain bench allreduce``: time all-reduces among exactly ``expect`` members."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from peer.sim.workload import input_for
+from peer.swarm import Swarm
+
+
+def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
+              timeout: float = 300.0, codec: Optional[str] = None) -> dict[str, Any]:
+    """Time ``iters`` all-reduces of ``elems`` float32 among exactly ``expect`` members, then measure the
+    error of one all-reduce of random data against the exact (float64) sum."""
+    swarm.wait_for_members(expect, timeout)
+    x = np.ones(elems, dtype=np.float32)
+    for _ in range(warmup):
+        swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
+        x.fill(1.0)
+    if swarm.peers_pending:  # e.g. a faster ring order from the bandwidth probes: apply it before timing
+        swarm.update_topology(timeout=timeout)
+    swarm.comm.barrier(timeout=timeout)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
+    elapsed = time.perf_counter() - t0
+    ok = codec is not None or bool(np.all(x == np.float32(expect) ** iters))
+    members = swarm.members
+    y = input_for(members.index(swarm.id), elems)
+    swarm.comm.all_reduce(y, timeout=timeout, codec=codec)
+    exact = sum(input_for(i, elems).astype(np.float64) for i in range(len(members)))
+    rel_error = float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
+    swarm.comm.barrier(timeout=timeout)
+    return {"peer": swarm.id, "seconds_per_op": elapsed / iters, "correct": ok, "members": len(members),
+            "rel_error": rel_error, "ring": members}

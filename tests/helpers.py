@@ -1,0 +1,134 @@
+"""Shared fixtures: fast timeouts, in-process swarms and local peer processes that are always cleaned up.
+
+Everything runs secure (CURVE, as in production): the session has one swarm secret, exported as
+$SWARMTRAIN_SECRET (with a default key file in $SWARMTRAIN_KEY) so that any PeerConfig a test builds is
+secure; ``InProcess`` gives each peer id its own key file; ``LocalProcs`` makes its own secret and keys.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import pytest
+
+from collectives import keys
+from peer import PeerConfig, Swarm, Timeouts
+from peer.config import KEY_ENV, SECRET_ENV, SecurityConfig
+from peer.sim.procs import LocalProcs
+
+# Short timeouts so failure tests finish quickly (defaults are sized for the internet).
+# Heartbeat deadlines stay well above scheduling hiccups of a loaded 2-core machine.
+HB_TIMEOUT = 2.5
+FAST = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=HB_TIMEOUT, coordinator_timeout=HB_TIMEOUT,
+                reconnect_grace=0.5, reform_window=1.0, op_progress_timeout=8.0, verdict_timeout=5.0,
+                join_timeout=20.0)
+FAST_ARGS = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", str(HB_TIMEOUT), "--coordinator-timeout",
+             str(HB_TIMEOUT), "--reform-window", "1.0", "--op-progress-timeout", "8"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def swarm_secret(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's swarm secret (exported, so that every peer a test builds is secure by default)."""
+    d = tmp_path_factory.mktemp("swarm-keys")
+    secret = d / "swarm.secret"
+    keys.save_secret(secret, keys.new_secret())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SECRET_ENV, str(secret))
+        mp.setenv(KEY_ENV, str(d / "default.key"))
+        yield secret
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[LocalProcs]:
+    lp = LocalProcs(tmp_path)
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+class InProcess:
+    """Several peers in this process (each with its own I/O thread and real loopback sockets)."""
+
+    def __init__(self, keydir: Optional[Path] = None) -> None:
+        self.swarms: list[Swarm] = []
+        self.keydir = keydir or Path(tempfile.mkdtemp(prefix="swarmtrain-keys-"))
+
+    def security(self, peer_id: str) -> SecurityConfig:
+        """Secure, with the session secret and a key file of this peer id's own (kept across restarts)."""
+        return SecurityConfig(key_file=str(self.keydir / f"{peer_id}.key"))
+
+    def coordinator(self, **kw: Any) -> Swarm:
+        peer_id = kw.pop("peer_id", "coord")
+        kw.setdefault("security", self.security(peer_id))
+        s = Swarm(PeerConfig(peer_id=peer_id, coordinator=True, member=False,
+                             timeouts=kw.pop("timeouts", FAST), **kw))
+        self.swarms.append(s)
+        return s
+
+    def peer(self, peer_id: str, join: list[str], **kw: Any) -> Swarm:
+        kw.setdefault("security", self.security(peer_id))
+        s = Swarm(PeerConfig(peer_id=peer_id, join=tuple(join), timeouts=kw.pop("timeouts", FAST), **kw))
+        self.swarms.append(s)
+        return s
+
+    def crash(self, s: Swarm) -> None:
+        """Like SIGKILL for an in-process peer: sockets close, no goodbye."""
+        s.node._stop.set()
+        s.node._thread.join(5)
+        s.node.transport.close()
+
+    def close(self) -> None:
+        for s in self.swarms:
+            if s.node._thread.is_alive():
+                s.node.close()
+            elif not s.node.transport.closed:
+                s.node.transport.close()
+
+
+@pytest.fixture
+def inproc(tmp_path: Path) -> Iterator[InProcess]:
+    ip = InProcess(tmp_path / "keys")
+    try:
+        yield ip
+    finally:
+        ip.close()
+
+
+def run_all(fns: list[Callable[[], Any]], timeout: float = 60.0) -> list[Any]:
+    """Run callables in threads; return results (or raised exceptions) in order."""
+    results: list[Any] = [None] * len(fns)
+
+    def wrap(i: int, fn: Callable[[], Any]) -> None:
+        try:
+            results[i] = fn()
+        except Exception as exc:  # returned to the test, which asserts on it
+            results[i] = exc
+
+    threads = [threading.Thread(target=wrap, args=(i, f), daemon=True) for i, f in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a collective did not return in time"
+    return results
+
+
+def form_swarm(inproc: InProcess, n: int, **kw: Any) -> tuple[Swarm, list[Swarm]]:
+    """A standalone coordinator and ``n`` peers p0.. all admitted (in-process, secure by default)."""
+    coord = inproc.coordinator(**kw)
+    entry = coord.addr.removeprefix("tcp://")
+    peers = [inproc.peer(f"p{i}", [entry], **kw) for i in range(n)]
+    deadline = time.monotonic() + 20
+    while any(len(p.members) < n or p.state != "member" for p in peers):
+        assert time.monotonic() < deadline, [p.state for p in peers]
+        members = [p for p in peers if p.state == "member"]
+        if len(members) >= 2 and coord.node.coord is not None and coord.node.coord.pending:
+            run_all([p.update_topology for p in members])
+        else:
+            time.sleep(0.05)
+    return coord, peers

@@ -1,0 +1,51 @@
+"""Tests for peer.bench.gloo: the Gloo all-reduce baseline runs, reports, and cleans up."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from peer.bench.gloo import run_gloo_allreduce
+
+
+def _child_pids() -> set[int]:
+    """PIDs whose parent is this process (zombies included, i.e. not yet reaped)."""
+    me = os.getpid()
+    kids: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # process exited while we looked
+            continue
+        # Field 4 (ppid) follows "pid (comm) state"; comm may contain spaces.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == me:
+            kids.add(int(entry.name))
+    return kids
+
+
+@pytest.mark.timeout(120)
+def test_two_peer_allreduce_reports_bandwidth_and_reaps_children() -> None:
+    before = _child_pids()
+    res = run_gloo_allreduce(2, 1 << 20, iters=2, warmup=1)
+    assert set(res) == {"backend", "peers", "bytes", "seconds_per_op", "busbw_gbps"}
+    assert res["backend"] == "gloo"
+    assert res["peers"] == 2
+    assert res["bytes"] == 1 << 20
+    assert res["seconds_per_op"] > 0
+    assert res["busbw_gbps"] > 0
+    expected = 2 * (2 - 1) / 2 * (1 << 20) / res["seconds_per_op"] / 1e9
+    assert res["busbw_gbps"] == pytest.approx(expected)
+    assert _child_pids() <= before
+
+
+@pytest.mark.timeout(120)
+def test_timeout_kills_and_reaps_children() -> None:
+    before = _child_pids()
+    # Far too short for the workers to even import torch: must raise, not hang or leak.
+    with pytest.raises(RuntimeError, match="timed out"):
+        run_gloo_allreduce(2, 1 << 20, iters=2, warmup=1, timeout_s=0.5)
+    assert _child_pids() <= before
