@@ -36,10 +36,11 @@ class ProtocolError(RemoteError):
 class OpAborted(SwarmError):
     """A collective got the verdict *aborted*: nothing was applied; retrying on the survivors may work."""
 
-    def __init__(self, message: str, *, epoch: int = -1, reason: str = "") -> None:
+    def __init__(self, message: str, *, epoch: int = -1, reason: str = "", key: str = "") -> None:
         super().__init__(message)
         self.epoch = epoch
         self.reason = reason
+        self.key = key  # the op's wire key (``wire.op_key``), "" when the op never got one
 
 
 class PeerLost(OpAborted):

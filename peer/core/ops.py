@@ -119,7 +119,7 @@ class OpEngine:
         for key, rec in list(self.ops.items()):
             if key[0] < epoch:
                 self._finish(rec, PeerLost(f"op {wire.op_key(*key)} aborted: {reason}", epoch=key[0],
-                                           reason=reason))
+                                           reason=reason, key=wire.op_key(*key)))
         for key in [k for k in self.early if k[0] < epoch]:
             self._drop_early(key)
 
@@ -167,7 +167,7 @@ class OpEngine:
             reason = self.early_aborts.pop(key)
             self._drop_early(key)
             raise OpAborted(f"op {wire.op_key(*key)} aborted before it started here: {reason}",
-                            epoch=self.epoch, reason=reason)
+                            epoch=self.epoch, reason=reason, key=wire.op_key(*key))
         opid = ring.OpId(*key)
         work = spec.views[0] if len(spec.views) == 1 else np.concatenate(spec.views)
         core: Any
@@ -294,7 +294,7 @@ class OpEngine:
             self._commit(rec, now)
         else:
             self._finish(rec, OpAborted(f"op {wire.op_key(*rec.key)} aborted: {msg.reason}",
-                                        epoch=msg.epoch, reason=msg.reason))
+                                        epoch=msg.epoch, reason=msg.reason, key=wire.op_key(*rec.key)))
 
     def request_abort_for(self, handle: Handle, reason: str, now: float) -> None:
         for rec in self.ops.values():

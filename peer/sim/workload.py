@@ -123,10 +123,7 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
 
 
 def _key_of(exc: OpAborted) -> str:
-    text = str(exc)
-    if text.startswith("op "):
-        return text.split()[1]
-    return ""
+    return exc.key
 
 
 def _write(record: Optional[IO[str]], obj: dict[str, Any]) -> None:
