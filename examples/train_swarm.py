@@ -25,8 +25,7 @@ from typing import Any, Optional
 import torch
 
 from examples.charlm import CharLM, LMConfig, evaluate, load_corpus, param_count
-from peer.cli import _net_args, _security, _setup_logging, _timeouts, _timeouts_args
-from peer.config import PeerConfig
+from peer.cli import add_peer_args, join_list, peer_config_from_args, setup_logging
 from peer.train.diloco import DiLoCo, RoundRecord
 from peer.swarm import Swarm, new_peer_id
 
@@ -35,10 +34,7 @@ log = logging.getLogger("train_swarm")
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--join", action="append", default=[], help="HOST:PORT of the coordinator or any peer")
-    ap.add_argument("--bootstrap", action="store_true", help="start a new swarm: this peer also coordinates")
-    ap.add_argument("--id", default=None, help="peer id (default: random)")
-    _net_args(ap)
+    add_peer_args(ap)  # --join, --bootstrap, --id, --host/--port, security, --advertise, timeouts
     t = ap.add_argument_group("training")
     t.add_argument("--outer-steps", type=int, default=100,
                    help="stop when the swarm has made this many outer steps (streaming: x fragments syncs)")
@@ -60,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 per peer when peers share a machine)")
     t.add_argument("--events", action="store_true", help="print JSON events instead of readable lines")
     t.add_argument("--hold", action="store_true", help="after loading, wait for a line on stdin before joining")
-    _timeouts_args(ap)
     return ap
 
 
@@ -89,10 +84,9 @@ def schedule(step: int, total: int, warmup: int = 50) -> float:
 def main(argv: Optional[list[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     pid = a.id or new_peer_id()
-    _setup_logging(a.log_level, pid)
+    setup_logging(a.log_level, pid)
     torch.set_num_threads(a.threads)
-    join = tuple(x for v in a.join for x in v.split(",") if x)
-    if not join and not a.bootstrap:
+    if not join_list(a.join) and not a.bootstrap:
         print("train_swarm: give --join HOST:PORT or --bootstrap", file=sys.stderr)
         return 2
 
@@ -110,8 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not sys.stdin.readline():
             return 0  # the harness went away before releasing us
 
-    swarm = Swarm(PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join,
-                             coordinator=a.bootstrap, timeouts=_timeouts(a), security=_security(a)))
+    swarm = Swarm(peer_config_from_args(a, pid))
     out.event({"event": "listening", "id": swarm.id, "addr": swarm.addr, "params": param_count(model)})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -17,39 +17,44 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import fields
 from typing import Any, Optional, Sequence
 
 from collectives import keys
 from collectives.errors import LocalError
 from collectives.transport import Limits
-from peer.config import DEFAULT_KEY_FILE, INSECURE_WARNING, KEY_ENV, PeerConfig, SecurityConfig, Timeouts
+from peer.config import (DEFAULT_KEY_FILE, INSECURE_WARNING, KEY_ENV, PeerConfig, SecurityConfig, Timeouts,
+                         cli_flag)
 from peer.swarm import Swarm, new_peer_id
 
 log = logging.getLogger("swarmtrain")
 
 
-def _timeouts_args(p: argparse.ArgumentParser) -> None:
-    d = Timeouts()
+TIMEOUT_HELP = {
+    "heartbeat_interval": "how often a peer heartbeats to the coordinator",
+    "heartbeat_timeout": "a member silent this long (e.g. stalled) is evicted",
+    "coordinator_timeout": "no heartbeat ack this long: peers presume the coordinator dead and re-form",
+    "reconnect_grace": "a dropped link not back within this is a dead peer",
+    "reform_window": "how long a successor coordinator waits for survivors to check in",
+    "op_progress_timeout": "an op that receives no bytes for this long is aborted everywhere",
+    "verdict_timeout": "after a caller's deadline, how long it still waits for the op's verdict",
+    "join_timeout": "joining gives up if not admitted within this",
+    "resend_interval": "a commit request with no verdict after this long is sent again",
+    "ack_slack": "scheduling slack added to two heartbeat intervals when judging a coordinator alive",
+}
+
+
+def add_timeout_args(p: argparse.ArgumentParser, defaults: Optional[Timeouts] = None) -> None:
+    """One flag per ``Timeouts`` field (``--heartbeat-interval`` ...); read them with ``Timeouts.from_args``."""
+    d = defaults or Timeouts()
     g = p.add_argument_group("timeouts (seconds)")
-    g.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval,
-                   help="how often a peer heartbeats to the coordinator")
-    g.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout,
-                   help="a member silent this long (e.g. stalled) is evicted")
-    g.add_argument("--coordinator-timeout", type=float, default=d.coordinator_timeout,
-                   help="no heartbeat ack this long: peers presume the coordinator dead and re-form")
-    g.add_argument("--reform-window", type=float, default=d.reform_window,
-                   help="how long a successor coordinator waits for survivors to check in")
-    g.add_argument("--op-progress-timeout", type=float, default=d.op_progress_timeout,
-                   help="an op that receives no bytes for this long is aborted everywhere")
+    for f in fields(Timeouts):
+        g.add_argument(cli_flag(f.name), type=float, default=getattr(d, f.name),
+                       help=TIMEOUT_HELP.get(f.name, f.name.replace("_", " ")))
 
 
-def _timeouts(a: argparse.Namespace) -> Timeouts:
-    return Timeouts(heartbeat_interval=a.heartbeat_interval, heartbeat_timeout=a.heartbeat_timeout,
-                    coordinator_timeout=a.coordinator_timeout, reform_window=a.reform_window,
-                    op_progress_timeout=a.op_progress_timeout)
-
-
-def _net_args(p: argparse.ArgumentParser) -> None:
+def add_net_args(p: argparse.ArgumentParser) -> None:
+    """--host, --port, --swarm, --log-level and the security flags (--secret, --key, --allow, --insecure)."""
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     p.add_argument("--swarm", default="default", help="swarm name (peers of another swarm are refused)")
@@ -69,11 +74,45 @@ def _net_args(p: argparse.ArgumentParser) -> None:
                         "alter traffic. For benchmarks on a trusted network only")
 
 
-def _security(a: argparse.Namespace) -> SecurityConfig:
+def security_from_args(a: argparse.Namespace) -> SecurityConfig:
+    """The security flags of ``add_net_args`` (prints a loud banner on --insecure: the CLI owns stderr)."""
     if a.insecure:
         bar = "!" * 78
         print(f"{bar}\n!! swarmtrain --insecure: {INSECURE_WARNING}\n{bar}", file=sys.stderr, flush=True)
     return SecurityConfig(secret_file=a.secret, key_file=a.key, allow_file=a.allow, insecure=a.insecure)
+
+
+def add_peer_args(p: argparse.ArgumentParser) -> None:
+    """The flags a swarm member needs: --join, --bootstrap, --id, ``add_net_args``, --advertise and the
+    timeouts. Build its config with ``peer_config_from_args``::
+
+        ap = argparse.ArgumentParser(); peer.cli.add_peer_args(ap); ap.add_argument("--my-flag")
+        a = ap.parse_args(); peer.cli.setup_logging(a.log_level, a.id or "peer")
+        swarm = Swarm(peer.cli.peer_config_from_args(a))
+    """
+    p.add_argument("--join", action="append", default=[],
+                   help="HOST:PORT of the coordinator or any peer (repeat or comma-separate for several)")
+    p.add_argument("--bootstrap", action="store_true",
+                   help="start a new swarm: this peer also runs the coordinator role")
+    p.add_argument("--id", default=None, help="peer id (default: random)")
+    add_net_args(p)
+    p.add_argument("--advertise", default="",
+                   help="HOST:PORT other peers should connect to instead of the bound address "
+                        "(e.g. a proxy or a NAT in front of this peer)")
+    add_timeout_args(p)
+
+
+def join_list(values: Sequence[str]) -> tuple[str, ...]:
+    """``--join`` values (repeated and/or comma-separated) as one tuple of addresses."""
+    return tuple(a for v in values for a in v.split(",") if a)
+
+
+def peer_config_from_args(a: argparse.Namespace, peer_id: Optional[str] = None, **overrides: Any) -> PeerConfig:
+    """A ``PeerConfig`` from the flags of ``add_peer_args``; ``overrides`` set further PeerConfig fields.
+    Raises ``LocalError`` for a bad combination (e.g. neither --join nor --bootstrap)."""
+    return PeerConfig(peer_id=peer_id or a.id or new_peer_id(), host=a.host, port=a.port, swarm=a.swarm,
+                      join=join_list(a.join), advertise=a.advertise, coordinator=a.bootstrap,
+                      timeouts=Timeouts.from_args(a), security=security_from_args(a), **overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,21 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "votes and gives every op its verdict; it carries no tensor data. If it "
                                    "dies, the peers re-form under a successor and carry on.")
     c.add_argument("--id", default="coordinator", help="this node's id (default: coordinator)")
-    _net_args(c)
-    _timeouts_args(c)
+    add_net_args(c)
+    add_timeout_args(c)
 
     p = sub.add_parser("peer", help="run a peer that joins a swarm",
                        description="Run a peer. It prints one JSON line with its address, joins, and runs "
                                    "the chosen workload.")
-    p.add_argument("--join", action="append", default=[],
-                   help="HOST:PORT of the coordinator or any peer (repeat or comma-separate for several)")
-    p.add_argument("--bootstrap", action="store_true",
-                   help="start a new swarm: this peer also runs the coordinator role")
-    p.add_argument("--id", default=None, help="peer id (default: random)")
-    _net_args(p)
-    p.add_argument("--advertise", default="",
-                   help="HOST:PORT other peers should connect to instead of the bound address "
-                        "(e.g. a proxy or a NAT in front of this peer)")
+    add_peer_args(p)
     p.add_argument("--workload", choices=["allreduce", "bench", "catchup-source", "catchup-joiner", "none"],
                    default="allreduce",
                    help="allreduce: repeated all-reduces surviving churn; bench: wait for --expect "
@@ -123,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data this peer holds for ops it has not started yet, at most (MiB, default 1024)")
     p.add_argument("--codec", choices=["none", "fp16", "bf16", "int8"], default="none",
                    help="compress all-reduce traffic (lossy; results stay bit-identical on every peer)")
-    _timeouts_args(p)
 
     d = sub.add_parser("demo", help="local demo: a coordinator and 4 peers all-reducing while peers die and join",
                        description="Start a coordinator and 4 local peer processes doing repeated all-reduces; "
@@ -187,13 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _setup_logging(level: str, who: str) -> None:
+def setup_logging(level: str, who: str) -> None:
+    """Log records to stderr, each line tagged with ``who`` (the peer id)."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), stream=sys.stderr,
                         format=f"%(asctime)s {who} %(levelname)s %(name)s: %(message)s")
-
-
-def _join_list(values: Sequence[str]) -> tuple[str, ...]:
-    return tuple(a for v in values for a in v.split(",") if a)
 
 
 def _wait_for_signal(stop: threading.Event) -> None:
@@ -204,9 +231,9 @@ def _wait_for_signal(stop: threading.Event) -> None:
 
 
 def cmd_coordinator(a: argparse.Namespace) -> int:
-    _setup_logging(a.log_level, a.id)
+    setup_logging(a.log_level, a.id)
     swarm = Swarm(PeerConfig(peer_id=a.id, host=a.host, port=a.port, swarm=a.swarm, coordinator=True,
-                             member=False, timeouts=_timeouts(a), security=_security(a)))
+                             member=False, timeouts=Timeouts.from_args(a), security=security_from_args(a)))
     print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr}), flush=True)
     stop = threading.Event()
     _wait_for_signal(stop)
@@ -223,16 +250,13 @@ def cmd_peer(a: argparse.Namespace) -> int:
     from peer.sim.workload import AllReduceWorkload, run_allreduce
 
     pid = a.id or new_peer_id()
-    _setup_logging(a.log_level, pid)
-    join = _join_list(a.join)
-    if not join and not a.bootstrap:
+    setup_logging(a.log_level, pid)
+    if not join_list(a.join) and not a.bootstrap:
         print("swarmtrain peer: give --join HOST:PORT or --bootstrap", file=sys.stderr)
         return 2
-    cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, swarm=a.swarm, join=join, advertise=a.advertise,
-                     coordinator=a.bootstrap, parity_digest=not a.no_digest, timeouts=_timeouts(a),
-                     slice_bytes=a.slice_bytes, security=_security(a), limits=Limits(streams=a.streams),
-                     bandwidth_probes=not a.no_bandwidth_probes,
-                     max_early_bytes=int(a.max_early_mb * (1 << 20)))
+    cfg = peer_config_from_args(a, pid, parity_digest=not a.no_digest, slice_bytes=a.slice_bytes,
+                                limits=Limits(streams=a.streams), bandwidth_probes=not a.no_bandwidth_probes,
+                                max_early_bytes=int(a.max_early_mb * (1 << 20)))
     swarm = Swarm(cfg)
     print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,
                       "bound": swarm.node.transport.addr}), flush=True)

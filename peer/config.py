@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from collectives import keys
 from collectives.errors import LocalError
@@ -49,6 +50,11 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class Timeouts:
+    """Every deadline of the membership protocol, in seconds. The defaults are sized for the internet;
+    ``Timeouts.local()`` is the fast profile for one machine (tests, the demo, the simulator, examples).
+
+    Derived deadlines are properties (below), so that every number the node and the coordinator wait on
+    is named here; ``__post_init__`` checks the relations the protocol relies on."""
     heartbeat_interval: float = 0.25   # peer -> coordinator heartbeat period
     heartbeat_timeout: float = 3.0     # a member silent this long is evicted (a stalled peer)
     coordinator_timeout: float = 3.0   # no heartbeat ack this long: the coordinator is presumed dead
@@ -57,16 +63,91 @@ class Timeouts:
     op_progress_timeout: float = 30.0  # an op that receives no bytes for this long is failed
     verdict_timeout: float = 15.0      # extra wait for the verdict after asking for an abort
     join_timeout: float = 60.0         # joining (until admitted) gives up after this
+    resend_interval: float = 1.0       # an OpDone / OpFail with no verdict after this long is sent again
+    ack_slack: float = 0.05            # scheduling slack on top of two heartbeats (``ack_fresh``)
+
+    @classmethod
+    def local(cls, **overrides: float) -> "Timeouts":
+        """The fast profile for peers on one (possibly loaded, 2-core) machine: failures are noticed within
+        a few seconds, yet heartbeat deadlines stay well above scheduling hiccups. ``overrides`` replace
+        single fields (the relations are checked as usual)."""
+        values = dict(heartbeat_interval=0.1, heartbeat_timeout=2.5, coordinator_timeout=2.5,
+                      reconnect_grace=0.5, reform_window=1.0, op_progress_timeout=8.0, verdict_timeout=5.0,
+                      join_timeout=20.0)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise LocalError(f"Timeouts has no field(s) {sorted(unknown)}")
+        values.update(overrides)
+        return cls(**values)
+
+    def cli_args(self) -> list[str]:
+        """These timeouts as ``swarmtrain`` flags (only the fields that differ from the defaults), e.g. for
+        a peer process: ``Timeouts.from_args(parser.parse_args(t.cli_args())) == t``."""
+        default = Timeouts()
+        out: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value != getattr(default, f.name):
+                out += [cli_flag(f.name), repr(float(value))]
+        return out
+
+    @classmethod
+    def from_args(cls, ns: Any) -> "Timeouts":
+        """The inverse of ``cli_args``: read the flags that ``peer.cli.add_timeout_args`` defines."""
+        return cls(**{f.name: float(getattr(ns, f.name)) for f in fields(cls)})
+
+    # ------------------------------------------------------------------ derived deadlines
+    @property
+    def ack_fresh(self) -> float:
+        """A heartbeat ack this recent proves the coordinator alive (a peer that says otherwise was cut off)."""
+        return 2 * self.heartbeat_interval + self.ack_slack
+
+    @property
+    def local_stall(self) -> float:
+        """A gap this long between two ticks of our own I/O thread means *we* were not running."""
+        return self.coordinator_timeout / 2
+
+    @property
+    def quorum_fresh(self) -> float:
+        """A member heard from within this counts towards the coordinator's quorum."""
+        return self.heartbeat_timeout / 2
+
+    @property
+    def join_retry(self) -> float:
+        """A Join with no answer is sent to the next address after this long."""
+        return max(1.0, 4 * self.heartbeat_interval)
+
+    @property
+    def candidate_timeout(self) -> float:
+        """A successor candidate that has not re-formed the swarm within this is skipped."""
+        return self.reform_window + self.coordinator_timeout
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0 and f.name != "ack_slack":
+                raise LocalError(f"{f.name} must be positive")
+        if self.ack_slack < 0:
+            raise LocalError("ack_slack must not be negative")
         if self.heartbeat_timeout < 3 * self.heartbeat_interval:
             raise LocalError("heartbeat_timeout must be at least 3 heartbeat intervals")
         if self.coordinator_timeout < 3 * self.heartbeat_interval:
             raise LocalError("coordinator_timeout must be at least 3 heartbeat intervals")
+        if self.ack_fresh >= self.coordinator_timeout:
+            raise LocalError("two heartbeat intervals plus ack_slack must be shorter than coordinator_timeout")
         if self.reform_window < self.reconnect_grace:
             raise LocalError("reform_window must exceed reconnect_grace (survivors need time to notice)")
         if self.op_progress_timeout <= self.heartbeat_timeout:
             raise LocalError("op_progress_timeout must exceed heartbeat_timeout (eviction comes first)")
+        if self.resend_interval >= self.verdict_timeout:
+            raise LocalError("resend_interval must be shorter than verdict_timeout (a lost request is resent "
+                             "before the caller gives up on its verdict)")
+        if self.join_timeout <= self.join_retry:
+            raise LocalError("join_timeout must exceed the join retry interval (max(1 s, 4 heartbeats))")
+
+
+def cli_flag(name: str) -> str:
+    """``heartbeat_interval`` -> ``--heartbeat-interval``."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)

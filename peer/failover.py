@@ -3,7 +3,7 @@
 When the coordinator is presumed dead, the survivors send a ``Rejoin`` (their last epoch and the verdicts
 they hold) to the first surviving member of the last epoch. That member takes the coordinator role in
 reform mode (``CoordinatorCore(reform_expected=...)``); if it does not answer within
-``reform_window + coordinator_timeout``, the next candidate is tried. No candidate left: stale.
+``Timeouts.candidate_timeout``, the next candidate is tried. No candidate left: stale.
 """
 
 from __future__ import annotations
@@ -117,5 +117,5 @@ class FailoverMixin:
             self.early_rejoins.clear()
         else:
             self._send(cand, rejoin)
-        self.reform_deadline = now + self.t.reform_window + self.t.coordinator_timeout
+        self.reform_deadline = now + self.t.candidate_timeout
 

@@ -249,7 +249,7 @@ class Node(FailoverMixin):
             # A survivor thinks the coordinator is dead and that I am its successor.
             self.addrs.setdefault(sender, msg.addr)
             if self.state == "member" and self.transport.is_up(self.coord_id) \
-                    and now - self.last_ack < 2 * self.t.heartbeat_interval + 0.05:
+                    and now - self.last_ack < self.t.ack_fresh:
                 # Our coordinator answers: the sender was stalled or cut off, not the coordinator.
                 self.transport.connect(sender, msg.addr)
                 self._send(sender, wire.Redirect(self.coord_id, self.coord_addr))
@@ -416,7 +416,7 @@ class Node(FailoverMixin):
         addr = self.join_addrs[self.join_index % len(self.join_addrs)]
         self.join_index += 1
         self._send_join(addr)
-        self.join_retry_at = now + max(1.0, self.t.heartbeat_interval * 4)
+        self.join_retry_at = now + self.t.join_retry
 
     def rejoin(self) -> None:
         """(I/O thread) Leave the stale state and ask to be admitted again."""
@@ -425,7 +425,7 @@ class Node(FailoverMixin):
 
     # ------------------------------------------------------------------ timers
     def _tick(self, now: float) -> None:
-        if now - self._last_tick > self.t.coordinator_timeout / 2:
+        if now - self._last_tick > self.t.local_stall:
             # We were not running (SIGSTOP, swap, a long GC): the silence was ours, not the coordinator's.
             log.warning("%s: local stall of %.1fs; checking in before judging others", self.id,
                         now - self._last_tick)

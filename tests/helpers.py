@@ -22,12 +22,9 @@ from peer.sim.procs import LocalProcs
 
 # Short timeouts so failure tests finish quickly (defaults are sized for the internet).
 # Heartbeat deadlines stay well above scheduling hiccups of a loaded 2-core machine.
-HB_TIMEOUT = 2.5
-FAST = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=HB_TIMEOUT, coordinator_timeout=HB_TIMEOUT,
-                reconnect_grace=0.5, reform_window=1.0, op_progress_timeout=8.0, verdict_timeout=5.0,
-                join_timeout=20.0)
-FAST_ARGS = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", str(HB_TIMEOUT), "--coordinator-timeout",
-             str(HB_TIMEOUT), "--reform-window", "1.0", "--op-progress-timeout", "8"]
+FAST = Timeouts.local()
+FAST_ARGS = FAST.cli_args()
+HB_TIMEOUT = FAST.heartbeat_timeout
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -337,7 +337,7 @@ class CoordinatorCore:
         long ago (more than half the heartbeat timeout) do not count either: peers cut off by one partition
         fall silent a few heartbeats apart, and evicting them one at a time must not erode the majority."""
         voters = set(self.members) | {self.me}
-        fresh = self.t.heartbeat_timeout / 2
+        fresh = self.t.quorum_fresh
         heard = {m for m in voters - set(lost)
                  if m == self.me or (now - self.last_seen.get(m, now) <= fresh and m not in self.down_since)}
         return len(heard) >= len(voters) // 2 + 1

@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from peer.config import Timeouts
 from peer.sim import faults as F
 from peer.sim.netns import LinkSpec
 from peer.sim.procs import Proc
 
-# Timeouts for simulated peers: short enough that a run of a minute shows several failovers.
-SIM_ARGS = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2", "--coordinator-timeout", "2",
-            "--reform-window", "1.5", "--op-progress-timeout", "10"]
+# Timeouts for simulated peers: short enough that a run of a minute shows several failovers. Slower
+# heartbeats and a longer op-progress deadline than the tests' profile: shaped links carry a frame slowly.
+SIM_TIMEOUTS = Timeouts.local(heartbeat_interval=0.2, reform_window=1.5, op_progress_timeout=10.0)
+SIM_ARGS = SIM_TIMEOUTS.cli_args()
 
 
 @dataclass

@@ -17,11 +17,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from peer.sim.config import SIM_ARGS
 from peer.sim.history import check_records
 from peer.sim.procs import LocalProcs
 
-DEMO_ARGS = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2", "--coordinator-timeout", "2",
-             "--reform-window", "1.5", "--op-progress-timeout", "10"]
+DEMO_ARGS = SIM_ARGS  # the simulator's timeouts
 
 
 def _say(t0: float, text: str) -> None:

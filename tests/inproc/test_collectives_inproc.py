@@ -192,9 +192,7 @@ def test_wrong_swarm_is_refused(inproc: InProcess) -> None:
 
 
 def test_member_that_never_calls_the_op_times_it_out(inproc: InProcess) -> None:
-    quick = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=2.5, coordinator_timeout=2.5,
-                     reconnect_grace=0.5, reform_window=1.0, op_progress_timeout=3.0, verdict_timeout=5.0,
-                     join_timeout=20.0)
+    quick = Timeouts.local(op_progress_timeout=3.0)
     peers = form(inproc, 3, timeouts=quick)
     bufs = [torch.ones(10) for _ in peers[:2]]
     t0 = time.monotonic()

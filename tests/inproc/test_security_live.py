@@ -100,8 +100,7 @@ def test_stranger_without_the_secret_cannot_join(inproc: InProcess, tmp_path: Pa
     coord = inproc.coordinator()
     other = tmp_path / "other.secret"
     keys.save_secret(other, keys.new_secret())
-    quick = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=1.5, coordinator_timeout=1.5,
-                     reconnect_grace=0.5, reform_window=1.0, op_progress_timeout=8.0, join_timeout=3.0)
+    quick = Timeouts.local(heartbeat_timeout=1.5, coordinator_timeout=1.5, join_timeout=3.0)
     stranger = inproc.peer("stranger", [coord.addr.removeprefix("tcp://")], timeouts=quick,
                            limits=Limits(handshake_ms=1000),
                            security=SecurityConfig(secret_file=str(other), key_file=str(tmp_path / "s.key")))
@@ -157,8 +156,7 @@ def test_allowlist_refuses_an_unlisted_key_at_the_handshake(inproc: InProcess) -
     p0.wait_admitted(10)
     p1.wait_admitted(10)
     attack.all_reduce_ok([p0, p1])
-    quick = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=1.5, coordinator_timeout=1.5,
-                     reconnect_grace=0.5, reform_window=1.0, op_progress_timeout=8.0, join_timeout=3.0)
+    quick = Timeouts.local(heartbeat_timeout=1.5, coordinator_timeout=1.5, join_timeout=3.0)
     outsider = inproc.peer("outsider", [entry], timeouts=quick, limits=Limits(handshake_ms=1000),
                            security=sec("outsider"))  # it has the secret, but its key is not listed
     with pytest.raises(Exception):
@@ -392,7 +390,7 @@ def test_malformed_frames_from_an_authenticated_peer_are_typed_errors() -> None:
 
 def test_join_with_security_works_through_the_cli_harness(procs: Any) -> None:
     """The process harness runs secure: a secret in the work dir, a 0600 key file per process."""
-    coord = procs.coordinator(extra=["--heartbeat-interval", "0.1"])
+    coord = procs.coordinator(extra=Timeouts.local().cli_args())
     procs.peer("a", [coord.hostport], ["--ops", "3", "--elems", "1000"])
     procs.peer("b", [coord.hostport], ["--ops", "3", "--elems", "1000"])
     for n in ("a", "b"):

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import pytest
 
+from peer.sim.config import SIM_TIMEOUTS
 from peer.sim.faults import Fault
 from peer.sim.history import load_history
 from peer.sim.netns import leftovers, parse_link, probe
@@ -27,11 +28,10 @@ from peer.sim.simulate import SimConfig, Simulation
 NETNS_OK, NETNS_WHY = probe()
 needs_netns = pytest.mark.skipif(not NETNS_OK, reason=f"network namespaces unavailable: {NETNS_WHY}")
 
-# Deadlines a little above the fast test ones: this 2-core machine runs 4-5 peers, a coordinator and the
-# simulator at once, and a heartbeat must not miss its deadline only because the CPU was busy.
-CHAOS_ARGS = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2.5", "--coordinator-timeout", "2.5",
-              "--reform-window", "1.5", "--op-progress-timeout", "10"]
-DETECT = 2.5 + 1.5  # heartbeat (or coordinator) deadline + reform window: the bound on noticing a silent loss
+# The simulator's profile: this 2-core machine runs 4-5 peers, a coordinator and the simulator at once, and
+# a heartbeat must not miss its deadline only because the CPU was busy.
+CHAOS_ARGS = SIM_TIMEOUTS.cli_args()
+DETECT = SIM_TIMEOUTS.heartbeat_timeout + SIM_TIMEOUTS.reform_window  # the bound on noticing a silent loss
 
 
 class Run:
@@ -63,6 +63,8 @@ def simulate(tmp_path: Path, schedule: list[Fault], *, peers: int = 3, duration:
     _assert_cleaned_up(sim)
     run = Run(rep, load_history(str(sim.hist_path)), sim)
     _assert_invariants(run)
+    assert rep["png"] == str(tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the matplotlib timeline
     return run
 
 

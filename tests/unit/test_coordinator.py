@@ -9,8 +9,7 @@ from peer.config import Timeouts
 from peer.core.coordinator import Connect, CoordinatorCore, Drop, Out
 
 pytestmark = pytest.mark.timeout(30)
-T = Timeouts(heartbeat_interval=0.1, heartbeat_timeout=1.0, coordinator_timeout=1.0, reconnect_grace=0.5,
-             reform_window=1.0, op_progress_timeout=5.0)
+T = Timeouts.local(heartbeat_timeout=1.0, coordinator_timeout=1.0, op_progress_timeout=5.0)
 
 
 def addr(p: str) -> str:
