@@ -248,10 +248,23 @@ class Swarm:
                 else:
                     self.comm.barrier(timeout=timeout)
             except TooFewPeers:
-                try:
-                    self.wait_epoch_change(self.epoch, 0.5)
-                except DeadlineExceeded:
-                    pass  # still alone; keep waiting until the overall deadline
+                self.wait_for_partner(deadline)  # alone: until someone joins (or the deadline)
+
+    def wait_for_partner(self, deadline: float) -> bool:
+        """After ``TooFewPeers`` (alone, or a coordinator failover in progress): wait until the membership
+        changes or ``deadline`` (a ``time.monotonic()`` value) passes. True: try the op again (the epoch
+        changed, or this peer went stale and the next op raises ``StaleError``); False: the deadline passed
+        and the caller gives up (e.g. discards its step). Local work stays valid while it waits."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            self.wait_epoch_change(self.epoch, left)
+        except DeadlineExceeded:
+            return False
+        except StaleError:
+            pass  # the next op says so, and the caller rejoins there
+        return True
 
     def update_topology(self, timeout: float = 60.0) -> int:
         """Collective: every member calls it between steps; pending joiners are admitted. Returns the epoch."""

@@ -33,6 +33,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from collectives.errors import LocalError
+
 PROCESS_KINDS = ("kill", "stall", "leave", "join", "kill_coordinator")
 LINK_KINDS = ("partition", "slow")
 PROXY_KINDS = ("reset", "truncate", "corrupt", "delay")
@@ -55,9 +57,9 @@ class Fault:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; known: {', '.join(KINDS)}")
+            raise LocalError(f"unknown fault kind {self.kind!r}; known: {', '.join(KINDS)}")
         if self.at < 0 or self.seconds < 0 or self.count < 1 or self.delay_ms < 0 or self.jitter_ms < 0:
-            raise ValueError(f"fault {self}: negative time or count")
+            raise LocalError(f"fault {self}: negative time or count")
         if self.kind in _DEFAULT_SECONDS and self.seconds == 0:
             object.__setattr__(self, "seconds", _DEFAULT_SECONDS[self.kind])
 
@@ -72,20 +74,23 @@ def fault_from_dict(obj: dict[str, Any]) -> Fault:
     known = {f.name for f in fields(Fault)}
     unknown = set(obj) - known
     if unknown:
-        raise ValueError(f"fault {obj}: unknown keys {sorted(unknown)}")
+        raise LocalError(f"fault {obj}: unknown keys {sorted(unknown)}")
     if "at" not in obj or "kind" not in obj:
-        raise ValueError(f"fault {obj}: needs 'at' and 'kind'")
+        raise LocalError(f"fault {obj}: needs 'at' and 'kind'")
     return Fault(**obj)
 
 
 def load_schedule(path: str | Path) -> list[Fault]:
     text = Path(path).read_text(encoding="utf-8").strip()
-    if text.startswith("["):
-        items = json.loads(text)
-    else:
-        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        if text.startswith("["):
+            items = json.loads(text)
+        else:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise LocalError(f"{path}: not JSON ({exc})") from None
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise ValueError(f"{path}: expected a JSON list of objects or one object per line")
+        raise LocalError(f"{path}: expected a JSON list of objects or one object per line")
     return sorted((fault_from_dict(i) for i in items), key=lambda f: f.at)
 
 

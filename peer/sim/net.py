@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
+from collectives.errors import LocalError
 from peer.sim.netns import Fabric, LinkSpec
 from peer.sim.proxy import Impairment, Proxy
 
@@ -35,7 +36,7 @@ class LoopbackNet:
 
     def _need_proxy(self, what: str) -> Proxy:
         if self.proxy is None:
-            raise ValueError(f"{what} on loopback needs --proxy (no namespaces here)")
+            raise LocalError(f"{what} on loopback needs --proxy (no namespaces here)")
         return self.proxy
 
     def partition(self, name: str, on: bool) -> None:
@@ -47,7 +48,7 @@ class LoopbackNet:
                                            link.down_bps or 0.0))
 
     def set_path(self, a: str, b: str, bps: float) -> None:
-        raise ValueError("per-path limits need network namespaces")
+        raise LocalError("per-path limits need network namespaces")
 
     def remove(self, name: str) -> None:
         return None

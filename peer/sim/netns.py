@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from collectives.errors import LocalError
+
 log = logging.getLogger(__name__)
 
 BENCH_NET = ipaddress.IPv4Network("198.18.0.0/15")
@@ -61,10 +63,10 @@ def parse_rate(text: str) -> float:
     """'100mbit' -> 1e8 bits/s ('bit', 'kbit', 'mbit', 'gbit'; a bare number is bits/s)."""
     m = _RATE_RE.match(text)
     if not m:
-        raise ValueError(f"bad rate {text!r}: use e.g. 100mbit, 20mbit, 1gbit, 500kbit")
+        raise LocalError(f"bad rate {text!r}: use e.g. 100mbit, 20mbit, 1gbit, 500kbit")
     bps = float(m.group(1)) * _UNITS[(m.group(2) or "bit").lower()]
     if not 8e3 <= bps <= 100e9:
-        raise ValueError(f"rate {text!r} out of range (8kbit .. 100gbit)")
+        raise LocalError(f"rate {text!r} out of range (8kbit .. 100gbit)")
     return bps
 
 
@@ -204,7 +206,7 @@ class Fabric:
 
     def add_host(self, name: str, link: LinkSpec = LinkSpec()) -> Host:
         if name in self.hosts:
-            raise ValueError(f"host {name} exists")
+            raise LocalError(f"host {name} exists")
         if not self._free:
             raise NetnsError(f"no free address left in {self.subnet}")
         ip = self._free.pop(0)

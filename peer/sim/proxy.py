@@ -37,7 +37,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from collectives.errors import DeadlineExceeded
+from collectives.errors import DeadlineExceeded, LocalError
 from peer.sim.proxy_route import Impairment, RouteStats, _Conn, _Pipe, _Route
 from peer.sim.proxy_route import rst as _rst
 
@@ -100,7 +100,7 @@ class Proxy:
         def add() -> None:
             if name in self.routes:
                 lsock.close()
-                raise ValueError(f"route {name} exists")
+                raise LocalError(f"route {name} exists")
             r = _Route(name, lsock, addr, impair, upstream)
             self.routes[name] = r
             self.sel.register(lsock, selectors.EVENT_READ, r)

@@ -9,6 +9,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional
 
+from collectives.errors import LocalError
+
 
 @dataclass(frozen=True)
 class Impairment:
@@ -18,7 +20,7 @@ class Impairment:
 
     def __post_init__(self) -> None:
         if self.delay_s < 0 or self.jitter_s < 0 or self.rate_bps < 0:
-            raise ValueError("delay, jitter and rate must be >= 0")
+            raise LocalError("delay, jitter and rate must be >= 0")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from collectives.errors import LocalError
 from peer.sim import faults as F
 from peer.sim.netns import LinkSpec, NetnsError, parse_link, parse_rate
 
@@ -87,27 +88,31 @@ def config_from_args(a: argparse.Namespace) -> "SimConfig":
     for item in a.peer_link:
         name, sep, spec = item.partition("=")
         if not sep:
-            raise ValueError(f"--peer-link {item!r}: expected PEER=RATE")
+            raise LocalError(f"--peer-link {item!r}: expected PEER=RATE")
         peer_links[f"peer{name}" if name.isdigit() else name] = parse_link(spec)
     paths: dict[tuple[str, str], float] = {}
     for item in a.path:
         pair, sep, rate = item.partition("=")
         x, dash, y = pair.partition("-")
         if not sep or not dash:
-            raise ValueError(f"--path {item!r}: expected A-B=RATE")
+            raise LocalError(f"--path {item!r}: expected A-B=RATE")
         ends = tuple(f"peer{n}" if n.isdigit() else n for n in (x, y))
         paths[(ends[0], ends[1])] = parse_rate(rate)
     lo, _, hi = a.gap.partition(",")
+    try:
+        gap = (float(lo), float(hi or lo))
+    except ValueError:
+        raise LocalError(f"--gap {a.gap!r}: expected MIN,MAX seconds") from None
     kinds = tuple(k for k in a.faults.split(",") if k)
     for k in kinds:
         if k not in F.KINDS:
-            raise ValueError(f"--faults: unknown kind {k!r}")
+            raise LocalError(f"--faults: unknown kind {k!r}")
     elems = int(a.mb * (1 << 20)) // 4 if a.mb is not None else a.elems
     return SimConfig(peers=a.peers, duration=a.duration, network=a.network, link=parse_link(a.link),
                      peer_links=peer_links, proxy=a.proxy or a.delay > 0 or a.jitter > 0, delay_s=a.delay,
                      jitter_s=a.jitter, workload=a.workload, elems=elems, pause=a.pause, bench_ops=a.ops,
                      bench_warmup=a.warmup, ring_order=a.ring_order, paths=paths, churn=a.churn, kinds=kinds,
-                     gap=(float(lo), float(hi or lo)),
+                     gap=gap,
                      schedule=F.load_schedule(a.schedule) if a.schedule else [],
                      seed=a.seed if a.seed is not None else random.randrange(1 << 31),
                      max_peers=a.max_peers, op_timeout=a.op_timeout,
@@ -117,7 +122,7 @@ def config_from_args(a: argparse.Namespace) -> "SimConfig":
 def run_cli(a: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(a)
-    except (ValueError, OSError) as exc:
+    except (LocalError, OSError) as exc:
         print(f"swarmtrain simulate: {exc}", file=sys.stderr)
         return 2
     from peer.sim.simulate import Simulation
@@ -127,7 +132,7 @@ def run_cli(a: argparse.Namespace) -> int:
         print(f"swarmtrain simulate: {cfg.peers} peers, {cfg.duration:g}s, seed {cfg.seed}", flush=True)
     try:
         rep = Simulation(cfg, say).run()
-    except (ValueError, NetnsError) as exc:  # a plan this network cannot carry out; everything was cleaned up
+    except (LocalError, NetnsError) as exc:  # a plan this network cannot carry out; everything was cleaned up
         print(f"swarmtrain simulate: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Optional
 
-from collectives.errors import DeadlineExceeded
+from collectives.errors import DeadlineExceeded, LocalError
 from peer.sim import faults as F
 from peer.sim.history import check_history, merge_ops
 from peer.sim.netns import Fabric, LinkSpec, NetnsError, parse_rate, probe
@@ -252,7 +252,7 @@ class Simulation:
 
     def _proxy_fault(self, f: F.Fault, target: PeerState) -> None:
         if self.proxy is None:
-            raise ValueError(f"fault {f.kind} needs --proxy")
+            raise LocalError(f"fault {f.kind} needs --proxy")
         name = target.name
         if f.kind == "reset":
             n = self.proxy.reset(name)
@@ -376,12 +376,12 @@ class Simulation:
         if cfg.churn:
             plan += F.random_plan(cfg.seed, cfg.duration, cfg.kinds or self.default_kinds(), cfg.gap)
         if cfg.paths and self.net.mode != "netns":
-            raise ValueError("per-path limits (--path) need network namespaces")
+            raise LocalError("per-path limits (--path) need network namespaces")
         for f in plan:
             if f.kind in F.PROXY_KINDS and self.proxy is None:
-                raise ValueError(f"fault {f.kind} at {f.at:g}s needs --proxy")
+                raise LocalError(f"fault {f.kind} at {f.at:g}s needs --proxy")
             if f.kind in F.LINK_KINDS and self.net.mode == "loopback" and self.proxy is None:
-                raise ValueError(f"fault {f.kind} at {f.at:g}s needs namespaces or --proxy")
+                raise LocalError(f"fault {f.kind} at {f.at:g}s needs namespaces or --proxy")
         return sorted(plan, key=lambda f: f.at)
 
     def default_kinds(self) -> tuple[str, ...]:

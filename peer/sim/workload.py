@@ -82,12 +82,7 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
                                f"members={len(metrics['members'])} {metrics['duration_s'] * 1e3:.0f} ms\n")
                 progress.flush()
         except TooFewPeers:
-            try:
-                swarm.wait_epoch_change(swarm.epoch, 0.5)
-            except DeadlineExceeded:
-                pass  # still alone: loop and check the stop conditions
-            except StaleError:
-                pass  # evicted meanwhile: the next op raises StaleError and we rejoin there
+            swarm.wait_for_partner(time.monotonic() + 0.5)  # then check the stop conditions again
         except OpAborted as exc:
             aborted += 1
             # I2: the aborted op must have left our buffer exactly as it was (None: no buffer was involved,
@@ -130,8 +125,3 @@ def _write(record: Optional[IO[str]], obj: dict[str, Any]) -> None:
     if record is not None:
         record.write(json.dumps(obj) + "\n")
         record.flush()
-
-
-def wait_for_members(swarm: Swarm, expect: int, timeout: float) -> None:
-    """Kept for old callers: ``Swarm.wait_for_members``."""
-    swarm.wait_for_members(expect, timeout)

@@ -220,19 +220,12 @@ class DiLoCo:
             except TooFewPeers as exc:
                 # Alone, or the swarm is re-forming: wait for the membership to change, then try again.
                 # Our local steps stay valid while we wait; they are discarded only if we give up.
-                left = deadline - time.monotonic()
-                try:
-                    if left <= 0:
-                        raise DeadlineExceeded("no partner")
-                    self.swarm.wait_epoch_change(self.swarm.epoch, left)
-                except DeadlineExceeded:
+                if not self.swarm.wait_for_partner(deadline):
                     if entry:
                         raise TooFewPeers(f"{self.swarm.id}: no other peer within "
                                           f"{self.join_timeout:.0f}s", reason="alone") from exc
                     self._discard(f"too few peers ({exc.reason or exc})")
                     return
-                except StaleError:
-                    pass  # the next attempt raises StaleError and rejoins
             except (StaleError, CoordinatorUnavailable) as exc:
                 log.warning("%s: %s; rejoining", self.swarm.id, exc)
                 self._discard(f"stale: {exc}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from collectives.errors import LocalError
 from peer.sim import faults as F
 from peer.sim.history import check_history, live_intervals, max_stall, merge_ops
 from peer.sim.netns import Fabric, LinkSpec, leftovers, parse_link, parse_rate, probe, reap_orphans
@@ -30,7 +31,7 @@ def test_rates_and_links() -> None:
     assert parse_link("none") == LinkSpec()
     assert parse_link("100mbit").slowest() == 100e6
     for bad in ("fast", "100mbps", "1bit", "-5mbit"):
-        with pytest.raises(ValueError):
+        with pytest.raises(LocalError):
             parse_rate(bad)
 
 
@@ -42,7 +43,7 @@ def test_schedule_file_and_random_plan(tmp_path: Path) -> None:
     path.write_text('{"at": 2, "kind": "kill"}\n{"at": 3, "kind": "corrupt", "peer": "p", "count": 2}\n')
     assert [f.count for f in F.load_schedule(path)] == [1, 2]
     for bad in ({"at": 1, "kind": "explode"}, {"kind": "kill"}, {"at": 1, "kind": "kill", "who": "x"}):
-        with pytest.raises(ValueError):
+        with pytest.raises(LocalError):
             F.fault_from_dict(bad)
     a = F.random_plan(7, 120, ("kill", "stall", "join"))
     assert a == F.random_plan(7, 120, ("kill", "stall", "join"))  # same seed, same plan
