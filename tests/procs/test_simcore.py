@@ -1,14 +1,12 @@
-"""Pure parts of the simulator: link specs, fault plans, the history checker, the PNG writer; and the
+"""Pure parts of the simulator: link specs, fault plans, the history checker, the timeline plot; and the
 namespace fabric on its own (skipped where namespaces cannot be created)."""
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -116,25 +114,39 @@ def test_a_split_swarm_is_flagged_and_its_ops_kept_apart() -> None:
     assert len([o for o in merge_ops(h for h in hist if h["type"] == "attempt") if o["key"] == "5:w:0"]) == 2
 
 
-def test_timeline_png_is_a_valid_png(tmp_path: Path) -> None:
+def _pixel_share(png: Path, hex_color: str) -> float:
+    """The share of the image's pixels within a small distance of ``hex_color``."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+    from matplotlib.image import imread
+
+    img = imread(png)[..., :3]
+    return float((np.abs(img - np.array(to_rgb(hex_color))).max(axis=-1) < 0.04).mean())
+
+
+def test_timeline_png_draws_peer_rows_ops_and_faults(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from peer.sim.timeline import FAULT_COLORS, STATE_COLORS
+
     hist = [{"type": "meta", "t": 0.0}, _peer(0, "peer0", "up"), _peer(0.5, "peer1", "up"),
             _peer(3, "peer1", "stopped"), _peer(6, "peer1", "resumed"), _peer(9, "peer0", "down", how="killed"),
-            {"type": "op", "t_end": 2.0, "verdict": "commit", "members": ["peer0", "peer1"]},
-            {"type": "op", "t_end": 4.0, "verdict": "abort", "members": ["peer0", "peer1"]},
+            {"type": "op", "t_end": 2.0, "verdict": "commit", "members": ["peer0", "peer1"], "duration_s": 0.1},
+            {"type": "op", "t_end": 4.0, "verdict": "abort", "members": ["peer0", "peer1"], "duration_s": 2.0},
             {"type": "fault", "t": 3.0, "kind": "stall", "who": "peer1"}, {"type": "end", "t": 10.0}]
     out = tmp_path / "t.png"
     write_timeline(out, hist, width=400)
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body)
-        chunks[tag] = body
-        pos += 12 + n
-    w, h = struct.unpack(">II", chunks[b"IHDR"][:8])
-    assert w == 400 and len(zlib.decompress(chunks[b"IDAT"])) == h * (1 + 3 * w)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    h, w = imread(out).shape[:2]
+    assert w == 400 and h > 200
+    assert _pixel_share(out, STATE_COLORS["live"]) > 0.01        # the peer rows
+    assert _pixel_share(out, STATE_COLORS["stopped"]) > 0.001    # peer1's stall
+    assert _pixel_share(out, FAULT_COLORS["stall"]) > 0.0005     # the fault's mark, line and label
+    no_stall = [r for r in hist if r.get("state") not in ("stopped", "resumed") and r.get("type") != "fault"]
+    write_timeline(tmp_path / "plain.png", no_stall, width=400)
+    assert _pixel_share(tmp_path / "plain.png", STATE_COLORS["stopped"]) == 0.0
+    with pytest.raises(ValueError):
+        write_timeline(tmp_path / "empty.png", [{"type": "meta"}])
 
 
 @needs_netns
