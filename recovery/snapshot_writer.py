@@ -12,12 +12,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from collectives.errors import DeadlineExceeded, LocalError
-from recovery.snapshot import MetaValue, PathLike, SnapshotError, TensorSpec, check_spec, write_snapshot
+from recovery.snapshot import (MetaValue, PathLike, Snapshot, SnapshotError, TensorSpec, check_spec, join_flat,
+                               split_flat, write_snapshot)
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +151,25 @@ class Snapshotter:
                     if len(self._free) < 2:
                         self._free.append(job.buffers)
                     self._cv.notify_all()
+
+
+# ============================================================================ DiLoCo's outer state
+
+def outer_specs(names: Sequence[str], shapes: Sequence[Sequence[int]], theta: np.ndarray, mom: np.ndarray
+                ) -> list[TensorSpec]:
+    """DiLoCo's flat outer weights and momentum as per-parameter tensors (views; ``capture`` copies)."""
+    return ([TensorSpec("outer", n, a) for n, a in split_flat(theta, names, shapes).items()]
+            + [TensorSpec("momentum", n, a) for n, a in split_flat(mom, names, shapes).items()])
+
+
+def load_outer(snap: Snapshot, names: Sequence[str], shapes: Sequence[Sequence[int]]
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(outer weights, momentum, revision) for a model with these parameters, verified. Refuses a
+    snapshot whose shapes differ from the model's (a different model), naming the parameter."""
+    outer, mom = snap.arrays("outer"), snap.arrays("momentum")
+    for n, shape in zip(names, shapes, strict=True):
+        for kind, held in (("outer", outer), ("momentum", mom)):
+            if n in held and held[n].shape != tuple(shape):
+                raise LocalError(f"{snap.path}: {kind}/{n} has shape {held[n].shape}, the model's is "
+                                 f"{tuple(shape)}")
+    return join_flat(outer, names), join_flat(mom, names), snap.revision
