@@ -9,13 +9,18 @@ ends the reduce-scatter owning chunk ``(r+1) % N``; the owner finishes it (``avg
 all-gather forwards those exact bytes unchanged, so every member ends with bit-identical results (I1).
 
 Memory discipline: a buffer handed out in a ``Send`` is never written again by this op (sends are
-zero-copy), so intermediate sums go into fresh arrays and the caller's input is only read.
+zero-copy), and the caller's buffers are only read until the commit. An all-reduce sums into one op-sized
+scratch buffer (each of its slices written once, by one fused ``reduce_into``) and keeps the all-gather
+frames by reference; ``write_into`` copies the result into the caller's tensor once, at commit. An abort
+is "drop the references" (I2 needs no backup copy).
+
+Parity digest: each finished slice gets a ``tensors.slice_checksum`` right after the driver has sent what
+that step produced (``flush``), while its bytes are still warm in cache.
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +53,7 @@ def group_id(member_ids: tuple[str, ...] | list[str], kind: str = "g") -> str:
 
 
 def digest(arr: np.ndarray) -> bytes:
-    return hashlib.blake2b(memoryview(np.ascontiguousarray(arr)).cast("B"), digest_size=16).digest()
+    return hashlib.blake2b(np.ascontiguousarray(arr).data.cast("B"), digest_size=16).digest()
 
 
 class RingOp:
@@ -70,14 +75,11 @@ class RingOp:
         self.seen: set[tuple[int, int, int]] = set()
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._crcs: dict[int, int] = {}
+        self._checks: dict[int, bytes] = {}  # slice start -> checksum of its final bytes
         self._stores: list[tuple[int, int, Any]] = []
-        # In-place ops: the driver hands a buffer here; each slice's original bytes are saved into it just
-        # before the slice is overwritten, so an abort can put back exactly what was there (I2).
-        self.backup: np.ndarray | None = None
-        self._saved: list[tuple[int, int]] = []
+        self._to_check: list[tuple[int, Any]] = []
         self.alloc: Any = np.empty  # scratch allocator (the driver passes a pool)
-        self.checksum = True        # CRC each slice as it lands (for ``digest``); off when nobody asks
+        self.checksum = True        # checksum each slice as it lands (for ``digest``); off when nobody asks
         self.allocated: list[np.ndarray] = []
 
     def _scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
@@ -98,32 +100,33 @@ class RingOp:
         step produced, so forwarding never waits for copies and checksums."""
         self._stores.append((lo, hi, values))
 
+    def _check_later(self, lo: int, values: Any) -> None:
+        if self.checksum:
+            self._to_check.append((lo, values))
+
     def flush(self) -> None:
         for lo, hi, values in self._stores:
-            if self.backup is not None:
-                self.backup[lo:hi] = self.result[lo:hi]
-                self._saved.append((lo, hi))
             self.result[lo:hi] = values
-            if self.checksum:
-                self._crcs[lo] = zlib.crc32(memoryview(self.result[lo:hi]).cast("B"))
+            self._check_later(lo, self.result[lo:hi])
         self._stores.clear()
+        for lo, values in self._to_check:
+            self._checks[lo] = tensors.slice_checksum(values)
+        self._to_check.clear()
 
-    def restore(self) -> None:
-        """Undo every slice written so far (an aborted in-place op)."""
-        assert self.backup is not None
-        for lo, hi in self._saved:
-            self.result[lo:hi] = self.backup[lo:hi]
-        self._saved.clear()
+    def _final(self, lo: int, hi: int) -> Any:
+        """The final bytes of slice [lo, hi) (for a checksum not built slice by slice)."""
+        return self.result[lo:hi]
 
     def digest(self) -> bytes:
-        """Cheap parity check of the whole result (CRC32 per slice, combined in order). It catches peers
-        whose results diverge by a bug; it is no defence against a lying peer (that one can send anything)."""
+        """Cheap parity check of the whole result (a checksum per slice, combined in order). It catches
+        peers whose results diverge by a bug; it is no defence against a lying peer (that one can send
+        anything)."""
         h = hashlib.blake2b(digest_size=16)
         for lo, hi in sorted(self._slices()):
-            crc = self._crcs.get(lo)
-            if crc is None:  # not built slice by slice here (a broadcast root, a single member)
-                crc = zlib.crc32(memoryview(np.ascontiguousarray(self.result[lo:hi])).cast("B"))
-            h.update(lo.to_bytes(8, "big") + crc.to_bytes(4, "big"))
+            check = self._checks.get(lo)
+            if check is None:  # not built slice by slice here (a broadcast root, a single member)
+                check = tensors.slice_checksum(self._final(lo, hi))
+            h.update(lo.to_bytes(8, "big") + check)
         return h.digest()
 
     def _slices(self) -> list[tuple[int, int]]:
@@ -162,13 +165,14 @@ class RingOp:
 
 
 class AllReduce(RingOp):
-    """Ring all-reduce of ``src``; the result lands in ``out`` (which may be ``src`` itself).
+    """Ring all-reduce of ``src``; ``write_into(out)`` puts the result in ``out`` (which may be ``src``
+    itself) at commit, and nothing writes the caller's buffers before that.
 
-    In place (``out is src``) is safe: a local chunk is read during the reduce-scatter before its final
-    value can arrive (the all-gather of a chunk is causally after its reduce-scatter passed through here,
-    and both come over the same FIFO link), and the only zero-copy send from ``src`` (step 0 of the
-    reduce-scatter) has been delivered before the final value of that chunk can come back. With a
-    ``backup`` buffer set, ``restore`` puts ``src`` back exactly if the op is aborted.
+    Partial sums go into ``acc`` (op-sized scratch): the reduce-scatter slice of a chunk is written once,
+    by ``reduce_into(acc, src, incoming)``, then sent zero-copy and never written again. The owner of a
+    chunk finishes it in ``acc`` (``avg`` divides there); the all-gather frames that arrive are kept as
+    they are (zero-copy views of the received frames) and forwarded unchanged. ``held`` maps each slice of
+    the result to the array that holds its final bytes.
     """
 
     def __init__(self, op: OpId, ring: list[str], me: str, src: np.ndarray, dtype: str, reduce_op: str,
@@ -180,12 +184,38 @@ class AllReduce(RingOp):
             raise LocalError("compressed all-reduce supports float32 sum/avg only")
         self.codec = codec
         self.src, self.reduce_op = src, reduce_op
-        self.result = np.empty_like(src) if out is None else out
+        self.out = out  # where the caller wants the result (``write_into`` at commit); may be ``src``
+        self.acc: np.ndarray | None = None
+        self.held: dict[int, tuple[int, np.ndarray]] = {}  # slice start -> (stop, final values)
+        self._result: np.ndarray | None = None
         self.chunks = tensors.chunk_bounds(src.size, self.n)
         self.parts = [tensors.slice_bounds(lo, hi, self.itemsize, slice_bytes) for lo, hi in self.chunks]
         # RS receives N-1 chunks, AG receives N-1 chunks.
         self.remaining = 0 if self.n == 1 else sum(
             len(self.parts[self._rs_chunk(s)]) + len(self.parts[self._ag_chunk(s)]) for s in range(self.n - 1))
+        if self.n == 1:
+            for lo, hi in self.parts[0]:
+                self.held[lo] = (hi, src[lo:hi])
+
+    @property
+    def result(self) -> np.ndarray:  # type: ignore[override]
+        """The whole result as one array (a copy, made on first use; the driver uses ``write_into``)."""
+        if self._result is None:
+            self._result = np.empty_like(self.src)
+            self.write_into(self._result)
+        return self._result
+
+    def write_into(self, dest: np.ndarray) -> None:
+        """Copy the result into ``dest`` (the commit: one pass over the buffer)."""
+        if dest.size != self.src.size:
+            raise LocalError(f"result has {self.src.size} elements, destination {dest.size}")
+        for lo, (hi, values) in self.held.items():
+            target = dest[lo:hi]
+            if not np.may_share_memory(target, values):  # n == 1 in place: already there
+                np.copyto(target, values)
+
+    def _final(self, lo: int, hi: int) -> Any:
+        return self.held[lo][1]
 
     def _rs_chunk(self, step: int) -> int:
         return (self.rank - step - 1) % self.n
@@ -195,9 +225,8 @@ class AllReduce(RingOp):
 
     def start(self) -> list[Send]:
         if self.n == 1:
-            if self.result is not self.src:
-                self.result[...] = self.src
             return []
+        self.acc = self._scratch(self.src.size, self.src.dtype)
         own = self.rank
         return [self._send(self.right, PHASE_REDUCE_SCATTER, 0, k, self._enc(self.src[lo:hi]), hi - lo)
                 for k, (lo, hi) in enumerate(self.parts[own])]
@@ -213,28 +242,35 @@ class AllReduce(RingOp):
     def _dec(self, payload: np.ndarray, n: int) -> np.ndarray:
         return payload if self.codec is None else self.codec.decode(payload, n)
 
+    def _hold(self, lo: int, hi: int, values: np.ndarray) -> None:
+        self.held[lo] = (hi, values)
+        self._check_later(lo, values)
+
     def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
         last = self.n - 2
+        if self.acc is None:
+            raise ProtocolError("chunk before the op started")
         if msg.phase == PHASE_REDUCE_SCATTER:
             c = self._rs_chunk(msg.step) if msg.step <= last else -1
             incoming = self._accept(sender, msg, payload, self.left, PHASE_REDUCE_SCATTER, self.n - 1,
                                     self.parts[c])
             lo, hi = self.parts[c][msg.part]
-            tmp = self._scratch(hi - lo, self.src.dtype)
-            tensors.reduce_into(tmp, self.src[lo:hi], self._dec(incoming, hi - lo), self.reduce_op, self.dtype)
+            acc = self.acc[lo:hi]
+            tensors.reduce_into(acc, self.src[lo:hi], self._dec(incoming, hi - lo), self.reduce_op, self.dtype)
             if msg.step < last:
-                return [self._send(self.right, PHASE_REDUCE_SCATTER, msg.step + 1, msg.part, self._enc(tmp),
+                return [self._send(self.right, PHASE_REDUCE_SCATTER, msg.step + 1, msg.part, self._enc(acc),
                                    hi - lo)]
             if self.reduce_op == "avg":
-                tensors.finish_avg(tmp, self.n, self.dtype)
-            wire = self._enc(tmp)
-            # the owner keeps exactly what everyone else will decode from these bytes
-            self._store(lo, hi, tmp if self.codec is None else self._dec(wire, hi - lo))
+                tensors.finish_avg(acc, self.n, self.dtype)
+            wire = self._enc(acc)
+            if self.codec is not None:  # the owner keeps exactly what everyone else will decode
+                acc[...] = self._dec(wire, hi - lo)
+            self._hold(lo, hi, acc)
             return [self._send(self.right, PHASE_ALL_GATHER, 0, msg.part, wire, hi - lo)]
         c = self._ag_chunk(msg.step) if msg.step <= last else -1
         incoming = self._accept(sender, msg, payload, self.left, PHASE_ALL_GATHER, self.n - 1, self.parts[c])
         lo, hi = self.parts[c][msg.part]
-        self._store(lo, hi, self._dec(incoming, hi - lo))
+        self._hold(lo, hi, self._dec(incoming, hi - lo))
         if msg.step < last:
             return [self._send(self.right, PHASE_ALL_GATHER, msg.step + 1, msg.part, payload, hi - lo)]
         return []

@@ -6,6 +6,7 @@ reduced by widening to float32 and rounding back to nearest-even, so every peer 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -78,6 +79,34 @@ def from_payload(buf: Any, dtype: str, count: int) -> np.ndarray:
     if mv.nbytes != count * npdt.itemsize:
         raise WireError(f"payload has {mv.nbytes} bytes, header says {count} x {dtype}")
     return np.frombuffer(mv, dtype=npdt, count=count)
+
+
+# ---------------------------------------------------------------- parity checksum
+
+_ROW_WORDS = 4096  # 32 KiB rows: column sums stay in L1/L2, row sums are contiguous reductions
+_LE64 = np.dtype("<u8")
+
+
+def slice_checksum(values: Any) -> bytes:
+    """8-byte checksum of a buffer's bytes, for the parity digest: it catches members whose results differ
+    by a bug, it is no defence against a lying peer (that one can send anything).
+
+    A 2-D sum code instead of CRC32 (5x faster here, and the digest must stay nearly free): the bytes as
+    little-endian 64-bit words in rows of 4096; every column sum and every row sum (mod 2**64), then
+    BLAKE2b of those sums and of the tail. A change confined to at most three words always changes a row
+    or column sum (keeping them all needs two changed words in every touched row and column); random
+    corruption goes unnoticed with probability about 2**-64."""
+    mv = np.ascontiguousarray(values).data.cast("B") if isinstance(values, np.ndarray) else \
+        memoryview(values).cast("B")
+    h = hashlib.blake2b(digest_size=8)
+    h.update(len(mv).to_bytes(8, "little"))
+    rows = len(mv) // (8 * _ROW_WORDS)
+    if rows:
+        words = np.frombuffer(mv, _LE64, rows * _ROW_WORDS).reshape(rows, _ROW_WORDS)
+        h.update(np.add.reduce(words, axis=0).astype(_LE64, copy=False).tobytes())
+        h.update(np.add.reduce(words, axis=1).astype(_LE64, copy=False).tobytes())
+    h.update(mv[rows * 8 * _ROW_WORDS:])
+    return h.digest()
 
 
 # ---------------------------------------------------------------- bfloat16 bit arithmetic

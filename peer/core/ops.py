@@ -51,7 +51,6 @@ class OpRecord:
     work: np.ndarray
     started: float
     last_progress: float
-    backup: Optional[np.ndarray] = None  # the caller's buffer before an in-place op (restored on abort)
     state: str = "running"      # running -> awaiting (verdict) -> done; or failing -> done
     request: Optional[wire.Message] = None  # the OpDone / OpFail sent for it (re-sent until a verdict)
     asked: float = 0.0
@@ -192,8 +191,6 @@ class OpEngine:
         if core is not None:
             core.alloc = self.pool.take
             core.checksum = self.parity_digest
-            if in_place:
-                core.backup = rec.backup = self.pool.take(work.size, work.dtype)
             for s in core.start():
                 self._send(s.to, s.msg, s.payload)
             core.flush()
@@ -337,8 +334,7 @@ class OpEngine:
         if rec.spec.kind in ("all_reduce", "broadcast", "recv") and rec.core is not None:
             views = rec.spec.views
             if len(views) == 1:
-                if rec.backup is None:
-                    rec.core.write_into(views[0])
+                rec.core.write_into(views[0])  # the first write to the caller's buffer (I2)
             else:
                 result = rec.core.result
                 offset = 0
@@ -354,16 +350,12 @@ class OpEngine:
     def _finish(self, rec: OpRecord, error: Optional[BaseException], value: Any = None) -> None:
         self.ops.pop(rec.key, None)
         if rec.core is not None:
-            if error is not None and rec.core.backup is not None:
-                rec.core.restore()  # I2: an aborted in-place op leaves the buffer exactly as it was
-            # Scratch and backup buffers go back to the pool: every member is done (commit) or the op's
-            # remaining messages are stale and dropped on arrival (abort), so reuse cannot leak into a result.
+            # Nothing was written to the caller's buffers before a commit, so an abort only drops references
+            # (I2). Scratch buffers go back to the pool: every member is done (commit) or the op's remaining
+            # messages are stale and dropped on arrival (abort), so reuse cannot leak into a result.
             for buf in rec.core.allocated:
                 self.pool.give(buf)
             rec.core.allocated = []
-            if rec.backup is not None:
-                self.pool.give(rec.backup)
-        rec.backup = None
         now = self._clock() if self._clock is not None else rec.last_progress
         m = rec.metrics
         m.update(kind=rec.spec.kind, epoch=rec.key[0], group=rec.key[1], seq=rec.key[2],

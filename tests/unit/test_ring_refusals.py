@@ -249,23 +249,30 @@ def test_refuses_chunk_with_too_few_bytes_without_state_change() -> None:
     assert (receiver.remaining, receiver.seen, receiver.bytes_received) == before
 
 
-def test_in_place_restore_puts_back_every_written_slice() -> None:
+def test_in_place_op_never_writes_the_caller_buffer_before_commit() -> None:
+    """I2 without a backup copy: an in-place all-reduce, aborted at any point (here: part of the traffic
+    delivered, then all of it), has not written one byte of the caller's buffer; ``write_into`` is the
+    commit and the only write."""
     rng = np.random.default_rng(9)
     names = ["a", "b", "c"]
     srcs = {m: rng.standard_normal(3000).astype(np.float32) for m in names}
     originals = {m: x.copy() for m, x in srcs.items()}
     ops = {m: ring.AllReduce(ring.OpId(1, "w", 0), names, m, srcs[m], "float32", "sum", 400, out=srcs[m])
            for m in names}
-    for op in ops.values():
-        op.backup = np.empty_like(op.src)
     queue = [(m, s) for m, op in ops.items() for s in op.start()]
-    for _ in range(len(queue) * 3):  # deliver part of the traffic, then abort
-        if not queue:
-            break
+    delivered = 0
+    while queue:
         frm, s = queue.pop(0)
         queue += [(s.to, o) for o in ops[s.to].on_chunk(frm, s.msg, to_bytes(s.payload))]
         ops[s.to].flush()
-    assert any(not np.array_equal(srcs[m], originals[m]) for m in names), "some slices were written"
+        delivered += 1
+        if delivered == 10:  # mid-op, an abort would find every buffer exactly as it was
+            assert not any(op.done for op in ops.values())
+            assert all(srcs[m].tobytes() == originals[m].tobytes() for m in names)
+    assert all(op.done for op in ops.values())
+    assert all(srcs[m].tobytes() == originals[m].tobytes() for m in names), "done, not yet committed"
+    want = sum(originals.values())
     for m, op in ops.items():
-        op.restore()
-        assert srcs[m].tobytes() == originals[m].tobytes()
+        op.write_into(srcs[m])
+        assert np.allclose(srcs[m], want, rtol=1e-5, atol=1e-5)
+    assert len({srcs[m].tobytes() for m in names}) == 1
