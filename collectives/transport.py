@@ -1,30 +1,25 @@
 """The one module that touches sockets: a pyzmq endpoint per peer.
 
-Each peer binds one ROUTER (its address) and opens one DEALER per peer it sends to. A DEALER's zmq routing id
-is ``<peer id>/<random>``: the receiving ROUTER learns who claims to send each message, and two sockets never
-collide on one routing id (the ROUTER only receives; replies travel on the receiver's own DEALER). Every
-outbound link has a socket monitor:
-a connection that drops and is then refused means the remote process is gone, which we report at once
-(no waiting for a TCP keepalive). zmq reports every scheduled or failed reconnect the same way
-(``CONNECT_RETRIED``), and a reset connection to a live peer, or a host cut off by a partition, must not look
-like a dead process: so a retried reconnect starts a probe, a plain non-blocking TCP connect, and only an
-actual ``ECONNREFUSED`` (the host answered: nothing listens there any more) is reported as ``refused``.
-Messages to ourselves are delivered through a local queue.
+Each peer binds one ROUTER (its address) and opens one DEALER per peer it sends to; a DEALER's routing id
+is ``<peer id>/<random>`` (the ROUTER learns who claims to send, and two sockets never collide on one id;
+the ROUTER only receives, replies travel on the receiver's own DEALER). A monitored connection that drops
+and is then refused means the remote process is gone, reported at once: zmq reports every retried
+reconnect alike, and a reset link to a live peer or a partition must not look like a dead process, so a
+retry starts a plain non-blocking TCP connect and only ``ECONNREFUSED`` is reported as ``refused``.
+Messages to ourselves go through a local queue. Control messages (no payload) travel on their own
+connection per neighbour, tensor data on ``streams`` others: a heartbeat never waits behind megabytes.
 
-Control messages (no payload: heartbeats, votes, verdicts) travel on their own connection per neighbour,
-tensor data on ``streams`` others: a heartbeat never waits behind megabytes of queued chunks on a slow link.
+Security (``collectives.security``): with ``Curve`` the ROUTER is a CURVE server, every control DEALER a
+CURVE client, and this module serves ZAP from its poll loop: the policy decides each handshake by the
+client key, ``check_sender`` judges every message's claimed id against the connection's key, and a
+``Hello`` goes first on every link. Tensor data then travels on a second, plain socket, every frame sealed
+under per-link keys agreed over the CURVE links (``collectives.datalink``, ``collectives.aead``). A message
+refused for authentication is reported as ``Bad`` with an empty (untrusted) sender.
 
-Security (``collectives.security``): the policy configures every socket. With ``Curve`` the ROUTER is a CURVE
-server, every DEALER a CURVE client, and this module serves ZAP (the handshake hook) from its own poll loop:
-the policy decides each handshake by the client key, ``check_sender`` judges every message's claimed id
-against the connection's authenticated key, and the ``Hello`` the policy asks for goes first on every link.
-A message refused for authentication is reported as ``Bad`` with an empty (untrusted) sender.
-
-Bounds (I4): zmq drops a connection whose frame exceeds ``max_frame_bytes``, and one that has not finished
-its handshake within ``handshake_ms``; inbound connections beyond ``max_conns_per_address`` from one remote
-address are cut at once; ``rcv_hwm`` bounds the messages queued per sender (back-pressure
-beyond it); every header is decoded by ``collectives.wire`` with its own limits; a message with the wrong
-number of frames or an invalid sender id is reported as ``Bad``.
+Bounds (I4): zmq drops a connection whose frame exceeds ``max_frame_bytes`` or whose handshake is not done
+within ``handshake_ms``; inbound connections beyond ``max_conns_per_address`` from one address are cut
+(``collectives.connlimit``); ``rcv_hwm`` bounds what is queued per sender; every header is decoded by
+``collectives.wire`` with its limits; wrong frame counts and invalid sender ids are reported as ``Bad``.
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import os
 import secrets
 import socket
 import time
@@ -43,6 +37,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from collectives import wire
+from collectives.connlimit import ConnLimit
+from collectives.datalink import SealedLinks
 from collectives.errors import AuthError, RemoteError, WireError
 from collectives.security import DROP, OK, UNPROVEN, Insecure, Security, require_libzmq
 
@@ -148,9 +144,19 @@ class Transport:
         # Inbound connections per remote address (I4): counted from the ROUTER's accept/disconnect events.
         self._accepts = self.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.poller.register(self._accepts, zmq.POLLIN)
-        self._listen_port = int(endpoint.rsplit(":", 1)[1])
-        self._conn_host: dict[int, str] = {}  # fd -> remote host, for accepted connections
-        self.conns_per_host: collections.Counter[str] = collections.Counter()
+        self._listen_ports = {int(endpoint.rsplit(":", 1)[1])}
+        # Secure mode: tensor data on a data socket of its own, every frame sealed (collectives.datalink).
+        self.sealed: Optional[SealedLinks] = None
+        self._data_accepts: Optional[zmq.Socket] = None
+        if self.security.handshakes:
+            lim = self.limits
+            self.sealed = SealedLinks(self.ctx, self.poller, self.my_id, host, max_frame_bytes=lim.max_frame_bytes,
+                                      rcv_hwm=lim.rcv_hwm, handshake_ms=lim.handshake_ms, streams=lim.streams,
+                                      max_batch=lim.max_batch)
+            self._listen_ports.add(self.sealed.port)
+            self._data_accepts = self.sealed.router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            self.poller.register(self._data_accepts, zmq.POLLIN)
+        self.conn_limit = ConnLimit(self.my_id, self._listen_ports, self.limits.max_conns_per_address)
         self.links: dict[str, _Link] = {}
         self._by_monitor: dict[zmq.Socket, str] = {}
         self._local: collections.deque[Received] = collections.deque()
@@ -174,7 +180,7 @@ class Transport:
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         try:
             sock.connect(addr)
-            data = [self._dealer(peer, addr) for _ in range(max(1, self.limits.streams))]
+            data = [] if self.sealed else [self._dealer(peer, addr) for _ in range(max(1, self.limits.streams))]
             for d in data:
                 d.connect(addr)
         except zmq.ZMQError as exc:
@@ -194,6 +200,11 @@ class Transport:
         if hello is not None:
             for s in (sock, *data):
                 s.send(wire.encode(hello))  # queued first: it proves our key before anything else arrives
+        if self.sealed is not None and wire.PEER_ID_RE.fullmatch(peer):  # not for a seed link ("@seed")
+            sock.send(wire.encode(self.sealed.offer(peer)))
+            owed = self.sealed.owed.pop(peer, None)
+            if owed is not None:
+                sock.send(wire.encode(owed))
 
     def _dealer(self, peer: str, addr: str) -> zmq.Socket:
         """One outbound connection; its routing id is unique (``id/random``) so a peer's several streams
@@ -227,6 +238,12 @@ class Transport:
             dmon.close(linger=0)
         for d in link.data:
             d.close(linger=0)
+        if self.sealed is not None:
+            self.sealed.drop(peer)
+
+    @property
+    def conns_per_host(self) -> "collections.Counter[str]":
+        return self.conn_limit.per_host
 
     def is_up(self, peer: str) -> bool:
         link = self.links.get(peer)
@@ -245,6 +262,9 @@ class Transport:
         if payload is None:
             link.sock.send(header, copy=True)
             size = len(header)
+        elif self.sealed is not None:
+            self.sealed.send(peer, header, payload)
+            size = len(header) + memoryview(payload).nbytes
         else:
             # tensor data is spread over the data streams; each message still arrives whole
             link.turn = (link.turn + 1) % len(link.data)
@@ -268,8 +288,12 @@ class Transport:
                 events.extend(self._drain_router())
             elif sock is self.zap:
                 self._serve_zap()
-            elif sock is self._accepts:
-                self._count_connections()
+            elif sock is self._accepts or (sock is self._data_accepts and sock is not None):
+                self.conn_limit.on_events(sock)
+            elif self.sealed is not None and sock is self.sealed.router:
+                events.extend(self._drain_sealed())
+            elif self.sealed is not None and isinstance(sock, zmq.Socket) and sock in self.sealed.monitors:
+                events.extend(LinkEvent(p, "data_lost") for p in self.sealed.lost(sock))
             elif isinstance(sock, zmq.Socket) and sock in self._by_monitor:
                 events.extend(self._drain_monitor(sock))
             elif isinstance(sock, zmq.Socket) and sock in self._data_monitors:
@@ -333,48 +357,6 @@ class Transport:
             if event is not None:
                 yield event
 
-    def _count_connections(self) -> None:
-        """Track inbound connections per remote host; cut those beyond ``max_conns_per_address``.
-
-        zmq reports an accepted connection by its fd. We look at the socket through a duplicate fd (never
-        closing zmq's own), and cut an excess connection with ``shutdown``, which zmq then sees as a normal
-        disconnect. An accept whose disconnect is already queued is skipped (its fd may have been reused)."""
-        evs = []
-        while True:
-            try:
-                evs.append(recv_monitor_message(self._accepts, zmq.NOBLOCK))
-            except zmq.Again:
-                break
-        for i, ev in enumerate(evs):
-            fd = ev["value"]
-            if ev["event"] == zmq.EVENT_DISCONNECTED:
-                host = self._conn_host.pop(fd, None)
-                if host is not None:
-                    self.conns_per_host[host] -= 1
-                    if self.conns_per_host[host] <= 0:
-                        del self.conns_per_host[host]
-            elif not any(e["value"] == fd and e["event"] == zmq.EVENT_DISCONNECTED for e in evs[i + 1:]):
-                self._admit_connection(fd)
-
-    def _admit_connection(self, fd: int) -> None:
-        try:
-            s = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            return  # already gone
-        try:
-            if s.getsockname()[1] != self._listen_port:
-                return  # the fd was reused by another socket: not ours to judge
-            host = str(s.getpeername()[0])
-            self._conn_host[fd] = host
-            self.conns_per_host[host] += 1
-            if self.conns_per_host[host] > self.limits.max_conns_per_address:
-                log.warning("%s: more than %d connections from %s; cutting one", self.my_id,
-                            self.limits.max_conns_per_address, host[:64])
-                s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # the connection closed while we looked: its disconnect event follows
-        finally:
-            s.close()
 
     def _serve_zap(self) -> None:
         """Answer handshake questions from libzmq (ZAP, RFC 27) with the security policy's decision."""
@@ -418,6 +400,9 @@ class Transport:
                 return None
             if status != OK:
                 return Bad("", sec.on_unproven(frames[1]))
+            if isinstance(msg, (wire.DataOffer, wire.DataAccept)):
+                self._on_data_key(sender, msg)
+                return None
             if msg.HAS_PAYLOAD != (len(frames) == 3):
                 raise WireError(f"{type(msg).__name__}: wrong payload frame count")
         except AuthError as exc:
@@ -429,6 +414,32 @@ class Transport:
         self.counters.bytes_received += size
         self.counters.msgs_received += 1
         return Received(sender, msg, payload)
+
+    def _on_data_key(self, sender: str, msg: Union[wire.DataOffer, wire.DataAccept]) -> None:
+        """Key agreement for sealed data frames (``collectives.datalink``), on authenticated control links."""
+        if self.sealed is None:
+            raise WireError(f"{type(msg).__name__} in insecure mode")
+        link = self.links.get(sender)
+        if isinstance(msg, wire.DataOffer):
+            reply = self.sealed.on_offer(sender, msg)
+            if link is None:
+                self.sealed.owed[sender] = reply  # sent when we open our link to the sender
+            else:
+                link.sock.send(wire.encode(reply))
+        elif link is None:
+            raise AuthError("DataAccept from a peer we have no link to")
+        else:
+            self.sealed.on_accept(sender, msg, link.addr.rsplit(":", 1)[0])
+
+    def _drain_sealed(self) -> Iterator[Event]:
+        assert self.sealed is not None
+        for sender, msg, payload, error in self.sealed.drain():
+            if error is not None:
+                yield Bad(sender, error)
+            elif msg is not None:
+                self.counters.bytes_received += memoryview(payload).nbytes
+                self.counters.msgs_received += 1
+                yield Received(sender, msg, payload)
 
     def _drain_monitor(self, monitor: zmq.Socket) -> Iterator[LinkEvent]:
         peer = self._by_monitor[monitor]
@@ -444,6 +455,8 @@ class Transport:
                 hello = self.security.hello()
                 if link.handshakes > 1 and hello is not None:
                     link.sock.send(wire.encode(hello))  # reconnected: the far end may be a new process
+                    if self.sealed is not None and wire.PEER_ID_RE.fullmatch(peer):  # ... with no key for our data
+                        link.sock.send(wire.encode(self.sealed.offer(peer)))
             if kind in (zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
                 if not link.up and (kind == zmq.EVENT_HANDSHAKE_SUCCEEDED or not self.security.handshakes):
                     link.up = True
@@ -482,6 +495,10 @@ class Transport:
         self.router.disable_monitor()
         self._accepts.close(linger=0)
         self.router.close(linger=0)
+        if self.sealed is not None and self._data_accepts is not None:
+            self.sealed.router.disable_monitor()
+            self._data_accepts.close(linger=0)
+            self.sealed.close()
         if self.zap is not None:
             self.zap.close(linger=0)
         self.ctx.term()

@@ -435,6 +435,35 @@ class Hello(Message):
 
 @register
 @dataclass(frozen=True)
+class DataOffer(Message):
+    """Secure mode, on the CURVE control link: my frames to you are sealed under the key from my ephemeral
+    X25519 key and yours (``collectives.aead``). ``DataAccept`` answers (on the answerer's own link) with its
+    key and its data socket's port. Both are consumed by the transport."""
+    TAG = 31
+    key_id: int
+    public: bytes
+    cipher: str
+
+    def validate(self) -> None:
+        if not 0 <= self.key_id < 2**32 or len(self.public) != 32 or self.cipher not in ("aesgcm", "chacha20poly1305"):
+            raise WireError("DataOffer: bad key id, key or cipher")
+
+
+@register
+@dataclass(frozen=True)
+class DataAccept(Message):
+    TAG = 32
+    key_id: int
+    public: bytes
+    port: int
+
+    def validate(self) -> None:
+        if not 0 <= self.key_id < 2**32 or len(self.public) != 32 or not 0 < self.port < 65536:
+            raise WireError("DataAccept: bad key id, key or port")
+
+
+@register
+@dataclass(frozen=True)
 class BwProbe(Message):
     """Part ``part`` of ``parts`` of a bandwidth probe (payload: filler bytes), sent after an epoch change."""
     TAG = 22

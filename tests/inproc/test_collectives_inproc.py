@@ -218,12 +218,18 @@ def test_several_tcp_streams_per_neighbour(inproc: InProcess) -> None:
     from collectives.transport import Limits
 
     peers = form(inproc, 3, slice_bytes=16 * 1024, limits=Limits(streams=3))
-    # three data streams per neighbour, plus the control connection
-    assert all(len(link.data) == 3 for p in peers for link in p.node.transport.links.values())
     rng = np.random.default_rng(5)
     inputs = [rng.standard_normal(100_000).astype(np.float32) for _ in peers]
     bufs = [x.copy() for x in inputs]
     run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
+    # three sealed data streams to each neighbour we sent data to (secure mode: on the data socket, beside
+    # the CURVE control connection), and every frame went through them
+    for i, p in enumerate(peers):
+        sealed = p.node.transport.sealed
+        assert sealed is not None
+        right = p.node.members[(p.node.members.index(p.id) + 1) % 3]
+        assert len(sealed.socks[right]) == 3 and not sealed.queued.get(right)
+        assert sealed.stats["opened"] > 0 and sealed.stats["refused"] == 0
     assert len({ring.digest(b) for b in bufs}) == 1
     np.testing.assert_allclose(bufs[0], np.sum(inputs, axis=0), rtol=1e-5, atol=1e-4)
 

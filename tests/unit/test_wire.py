@@ -46,7 +46,7 @@ def sample_value(cls: type, name: str, typ: Any, variant: int = 0) -> Any:
     if typ is bool:
         return variant == 0
     if typ is bytes:
-        if cls is wire.Hello:  # a 32-byte HMAC token
+        if cls in (wire.Hello, wire.DataOffer, wire.DataAccept):  # a 32-byte HMAC token / X25519 key
             return bytes(32) if variant == 0 else b"\xff" * 32
         return b"\x00\x01\xff" if variant == 0 else bytes(range(256)) * 16  # exactly MAX_BYTES
     if typ is float:
@@ -60,6 +60,8 @@ def sample_value(cls: type, name: str, typ: Any, variant: int = 0) -> Any:
             return 3 if variant == 0 else wire.MAX_INT
         if name == "seq":
             return 5 if variant == 0 else 0
+        if cls in (wire.DataOffer, wire.DataAccept) and name in ("key_id", "port"):
+            return 7 if variant == 0 else (2**32 - 1 if name == "key_id" else 65535)
         return 7 if variant == 0 else (wire.MIN_INT if name == "epoch" else wire.MAX_INT)
     if typ is str:
         if name in PEER_FIELDS:
@@ -72,6 +74,8 @@ def sample_value(cls: type, name: str, typ: Any, variant: int = 0) -> Any:
             return "float32"
         if name == "swarm":
             return "my swarm" if variant == 0 else ""
+        if name == "cipher":
+            return "aesgcm" if variant == 0 else "chacha20poly1305"
         return "some reason" if variant == 0 else "r" * wire.MAX_STR
     raise AssertionError(f"no sample for {cls.__name__}.{name}: {typ}")
 

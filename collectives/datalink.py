@@ -1,0 +1,201 @@
+"""The secure data path of one transport: sealed tensor frames on plain TCP connections.
+
+In secure mode a peer has its CURVE control socket (its address) and one more plain ROUTER, its *data
+socket*, on the same host; every frame on it is sealed by ``collectives.aead`` under a key agreed over
+the authenticated CURVE links (``DataOffer`` / ``DataAccept``, which carry the data socket's port). The
+data socket accepts connections from anyone, and a frame that does not open under its claimed sender's
+key, or is not fresh, is refused as ``AuthError`` with an untrusted sender (nobody is blamed for a
+stranger's bytes). Data for a peer whose key is not agreed yet waits here (bounded by the ops that made
+it, as zmq's send queue is), and goes out once the answer arrives.
+
+No sockets of the control plane live here; ``collectives.transport`` drives this object from its poll
+loop and turns what ``drain`` returns into its events.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import time
+from typing import Any, Iterator, Optional
+
+import zmq
+
+from collectives import aead, wire
+from collectives.errors import AuthError, RemoteError, WireError
+
+log = logging.getLogger(__name__)
+MAX_KEYS_PER_PEER = 2  # the current key and the one before (frames sealed under it may still be in flight)
+
+
+class SealedLinks:
+    def __init__(self, ctx: zmq.Context, poller: zmq.Poller, my_id: str, host: str, *, max_frame_bytes: int,
+                 rcv_hwm: int, handshake_ms: int, streams: int, max_batch: int) -> None:
+        self.ctx, self.poller, self.my_id = ctx, poller, my_id
+        self.streams_per_peer = max(1, streams)
+        self.max_batch = max_batch
+        self.handshake_ms = handshake_ms
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        # a sealed frame is the plaintext plus its tag; the header and prefix are frames of their own
+        self.router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + aead.TAG_BYTES)
+        self.router.setsockopt(zmq.RCVHWM, rcv_hwm)
+        self.router.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        bracket = f"[{host}]" if ":" in host else host
+        if ":" in host:
+            self.router.setsockopt(zmq.IPV6, 1)
+        self.router.bind(f"tcp://{bracket}:0")
+        self.port = int(self.router.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        poller.register(self.router, zmq.POLLIN)
+        self.sealers: dict[str, aead.Sealer] = {}
+        self.openers: dict[str, collections.OrderedDict[int, aead.Opener]] = {}
+        self.pending: dict[str, aead.Pending] = {}
+        self.queued: dict[str, collections.deque[tuple[bytes, Any]]] = {}
+        self.socks: dict[str, list[zmq.Socket]] = {}
+        self.endpoint: dict[str, str] = {}
+        self.monitors: dict[zmq.Socket, str] = {}
+        self.turn: dict[str, int] = {}
+        self.owed: dict[str, wire.DataAccept] = {}  # answers to peers we have no link to yet
+        self._key_id = secrets.randbelow(2**31)
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------------ key agreement
+    def offer(self, peer: str) -> wire.DataOffer:
+        """A new key for our frames to ``peer`` (sent on every new or re-established control link)."""
+        self._key_id = (self._key_id + 1) % 2**32
+        priv, public = aead.new_ephemeral()
+        self.pending[peer] = aead.Pending(self._key_id, priv, public, time.monotonic())
+        return wire.DataOffer(self._key_id, public, aead.CIPHER)
+
+    def on_offer(self, peer: str, msg: wire.DataOffer) -> wire.DataAccept:
+        opener, public = aead.accept_offer(self.my_id, peer, msg.key_id, msg.public, msg.cipher)
+        keys = self.openers.setdefault(peer, collections.OrderedDict())
+        keys[msg.key_id] = opener
+        while len(keys) > MAX_KEYS_PER_PEER:
+            keys.popitem(last=False)
+        self.stats["keys_accepted"] += 1
+        return wire.DataAccept(msg.key_id, public, self.port)
+
+    def on_accept(self, peer: str, msg: wire.DataAccept, host: str) -> None:
+        """``peer`` answered our offer: seal with the new key, (re)connect to its data socket, send what
+        waited."""
+        pending = self.pending.get(peer)
+        if pending is None or pending.key_id != msg.key_id:
+            raise AuthError(f"DataAccept for key {msg.key_id}, which we did not offer")
+        del self.pending[peer]
+        self.sealers[peer] = aead.finish_offer(self.my_id, peer, pending, msg.public, aead.CIPHER)
+        endpoint = f"{host}:{msg.port}"
+        if self.endpoint.get(peer) != endpoint:
+            self._close_streams(peer)
+            self.endpoint[peer] = endpoint
+            self.socks[peer] = [self._stream(peer, endpoint) for _ in range(self.streams_per_peer)]
+        queue = self.queued.pop(peer, None)
+        while queue:
+            self.send(peer, *queue.popleft())
+
+    def _stream(self, peer: str, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"{self.my_id}/{secrets.token_hex(4)}".encode())
+        sock.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_ms)
+        sock.setsockopt(zmq.SNDHWM, 0)  # bounded by our own ops
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitors[monitor] = peer
+        self.poller.register(monitor, zmq.POLLIN)
+        sock.connect(endpoint)
+        return sock
+
+    # ------------------------------------------------------------------ frames
+    def send(self, peer: str, header: bytes, payload: Any) -> None:
+        sealer, socks = self.sealers.get(peer), self.socks.get(peer)
+        if sealer is None or not socks:
+            self.queued.setdefault(peer, collections.deque()).append((header, payload))
+            return
+        turn = (self.turn.get(peer, 0) + 1) % len(socks)
+        self.turn[peer] = turn
+        prefix, sealed_header, sealed = sealer.seal(turn, header, payload)
+        socks[turn].send_multipart([prefix, sealed_header, sealed], copy=False)
+
+    def drain(self) -> Iterator[tuple[str, Optional[wire.Message], Any, Optional[RemoteError]]]:
+        """(sender, message, payload, None) per authentic frame; (sender or "", None, None, error) else."""
+        for _ in range(self.max_batch):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            yield self._open(frames)
+
+    def _open(self, frames: list[zmq.Frame]) -> tuple[str, Optional[wire.Message], Any, Optional[RemoteError]]:
+        ident = frames[0].bytes
+        try:
+            sender = wire.check_peer_id(ident.split(b"/", 1)[0].decode("ascii"))
+        except (UnicodeDecodeError, WireError):
+            return "", None, None, AuthError(f"data frame with an invalid sender identity {ident[:40]!r}")
+        if len(frames) != 4:
+            self.stats["refused"] += 1
+            return "", None, None, AuthError(f"data frame with {len(frames) - 1} parts")
+        try:
+            key_id = aead.parse_prefix(frames[1].bytes)[0]
+            keys = self.openers.get(sender)
+            opener = keys.get(key_id) if keys is not None else None
+            if opener is None:
+                raise AuthError(f"data frame claiming {sender!r} under a key we did not agree")
+            header, payload = opener.open(frames[1].bytes, frames[2].buffer, frames[3].buffer)
+        except AuthError as exc:
+            self.stats["refused"] += 1
+            return "", None, None, exc
+        try:  # authentic from here: a malformed message is the sender's fault
+            msg = wire.decode(header)
+            if not msg.HAS_PAYLOAD:
+                raise WireError(f"{type(msg).__name__} on the data socket")
+        except WireError as exc:
+            return sender, None, None, exc
+        self.stats["opened"] += 1
+        return sender, msg, payload, None
+
+    def lost(self, monitor: zmq.Socket) -> Iterator[str]:
+        """Peers whose data stream dropped (what was in flight on it is gone)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        peer = self.monitors[monitor]
+        while True:
+            try:
+                ev = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                yield peer
+
+    # ------------------------------------------------------------------ teardown
+    def _close_streams(self, peer: str) -> None:
+        mons = [m for m, p in self.monitors.items() if p == peer]
+        for mon in mons:
+            del self.monitors[mon]
+            self.poller.unregister(mon)
+        for sock in self.socks.pop(peer, []):
+            sock.disable_monitor()
+            sock.close(linger=0)
+        for mon in mons:
+            mon.close(linger=0)
+        self.endpoint.pop(peer, None)
+
+    def drop(self, peer: str) -> None:
+        """Forget ``peer``'s keys and streams."""
+        self.sealers.pop(peer, None)
+        self.openers.pop(peer, None)
+        self.pending.pop(peer, None)
+        self.queued.pop(peer, None)
+        self.owed.pop(peer, None)
+        self._close_streams(peer)
+
+    def close(self) -> None:
+        for peer in list(self.socks):
+            self._close_streams(peer)
+        self.poller.unregister(self.router)
+        self.router.close(linger=0)

@@ -1,0 +1,197 @@
+"""Sealed data frames (secure mode): keys agreed over CURVE, AEAD per frame, replay/reorder refused.
+
+Unit part: ``collectives.aead`` directly. Live part: a real secure swarm, and a stranger (and a member
+replaying captured frames) writing to a peer's data socket.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from collectives import aead, ring, wire
+from collectives.errors import AuthError
+from tests.helpers import InProcess, form_swarm, run_all
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def pair(sender: str = "alice", receiver: str = "bob") -> tuple[aead.Sealer, aead.Opener]:
+    """Both ends of one direction, agreed as the transports do it (offer, accept, finish)."""
+    priv, public = aead.new_ephemeral()
+    pending = aead.Pending(7, priv, public, 0.0)
+    opener, answer = aead.accept_offer(receiver, sender, 7, public)
+    return aead.finish_offer(sender, receiver, pending, answer), opener
+
+
+def frame(sealer: aead.Sealer, payload: bytes = b"tensor bytes" * 100, stream: int = 0,
+          header: bytes = b"header") -> tuple[bytes, bytes, bytes]:
+    prefix, sh, sp = sealer.seal(stream, header, payload)
+    return prefix, sh, bytes(sp)
+
+
+def test_round_trip_and_the_payload_is_not_in_the_clear() -> None:
+    sealer, opener = pair()
+    payload = np.arange(10_000, dtype=np.float32).tobytes()
+    prefix, sh, sp = frame(sealer, payload)
+    assert payload[:64] not in sp and b"header" not in sh
+    header, out = opener.open(prefix, sh, sp)
+    assert header == b"header" and bytes(out) == payload
+
+
+def test_tampered_frames_are_refused() -> None:
+    sealer, opener = pair()
+    prefix, sh, sp = frame(sealer)
+    for bad in (bytes([sp[0] ^ 1]) + sp[1:], sp[:-1] + bytes([sp[-1] ^ 0x80]), sp[:-1], b""):
+        with pytest.raises(AuthError):
+            opener.open(prefix, sh, bad)
+    with pytest.raises(AuthError):
+        opener.open(prefix, bytes([sh[0] ^ 1]) + sh[1:], sp)
+    key_id, stream, c = aead.parse_prefix(prefix)
+    with pytest.raises(AuthError):  # the prefix is authenticated too (moved to another stream)
+        opener.open(aead.PREFIX.pack(key_id, stream + 1, c), sh, sp)
+    assert opener.open(prefix, sh, sp)[0] == b"header", "refusals must not move the replay window"
+
+
+def test_replayed_and_reordered_frames_are_refused() -> None:
+    sealer, opener = pair()
+    f1, f2, f3 = frame(sealer), frame(sealer), frame(sealer)
+    opener.open(*f1)
+    with pytest.raises(AuthError, match="replayed or reordered"):
+        opener.open(*f1)  # replay
+    opener.open(*f3)     # a gap (f2 lost with a dropped connection) is allowed...
+    with pytest.raises(AuthError, match="replayed or reordered"):
+        opener.open(*f2)  # ...but f2 arriving after f3 is reordering
+    # streams are independent TCP connections: each has its own counter
+    g = frame(sealer, stream=1)
+    assert opener.open(*g)[0] == b"header"
+
+
+def test_frames_swapped_between_positions_are_refused() -> None:
+    sealer, opener = pair()
+    p1, h1, s1 = frame(sealer, b"one" * 50)
+    p2, h2, s2 = frame(sealer, b"two" * 50)
+    with pytest.raises(AuthError):
+        opener.open(p2, h2, s1)  # payload of frame 1 under frame 2's prefix
+    with pytest.raises(AuthError):
+        opener.open(p2, h1, s2)  # header of frame 1 with frame 2
+
+
+def test_unauthenticated_frames_are_refused() -> None:
+    """Another direction's key, another pair's key, another key id: none opens."""
+    sealer, opener = pair("alice", "bob")
+    other_sealer, _ = pair("mallory", "bob")
+    reverse_sealer, _ = pair("bob", "alice")
+    for s in (other_sealer, reverse_sealer):
+        p, h, sp = frame(s)
+        key_id, stream, c = aead.parse_prefix(p)
+        with pytest.raises(AuthError):
+            opener.open(aead.PREFIX.pack(opener.key_id, stream, c), h, sp)
+    p, h, sp = frame(sealer)
+    key_id, stream, c = aead.parse_prefix(p)
+    with pytest.raises(AuthError, match="another key"):
+        opener.open(aead.PREFIX.pack(key_id + 1, stream, c), h, sp)
+
+
+def test_keys_differ_per_direction_and_per_agreement() -> None:
+    a, _ = pair("alice", "bob")
+    b, _ = pair("alice", "bob")
+    c, _ = pair("bob", "alice")
+    assert len({a.key, b.key, c.key}) == 3
+
+
+def test_offer_and_accept_messages_are_validated() -> None:
+    with pytest.raises(Exception):
+        wire.DataOffer(1, b"short", "aesgcm")
+    with pytest.raises(Exception):
+        wire.DataOffer(1, bytes(32), "rot13")
+    with pytest.raises(Exception):
+        wire.DataAccept(1, bytes(32), 0)
+    assert isinstance(wire.decode(wire.encode(wire.DataAccept(5, bytes(32), 4242))), wire.DataAccept)
+
+
+# ---------------------------------------------------------------- live
+
+def _wait(cond: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_secure_swarm_moves_tensor_data_only_as_sealed_frames(inproc: InProcess) -> None:
+    _, peers = form_swarm(inproc, 2, slice_bytes=64 * 1024)
+    bufs = [np.full(200_000, float(i + 1), np.float32) for i in range(2)]
+    run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
+    assert all(np.all(b == 3.0) for b in bufs)
+    for p in peers:
+        t = p.node.transport
+        assert t.sealed is not None and t.sealed.stats["opened"] >= 1
+        assert all(not link.data for link in t.links.values()), "no tensor data on the CURVE sockets"
+
+
+def test_strangers_and_replays_on_the_data_socket_are_refused(inproc: InProcess) -> None:
+    """A stranger connecting to the (plain) data socket, claiming a member's id, and a replay of a real
+    frame: refused, reported with an untrusted sender (nobody evicted), and the swarm keeps working."""
+    _, peers = form_swarm(inproc, 2, slice_bytes=64 * 1024)
+    victim = peers[1]
+    sealed = victim.node.transport.sealed
+    assert sealed is not None
+    host = victim.node.transport.addr.rsplit(":", 1)[0]
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IDENTITY, f"{peers[0].id}/cafe".encode())
+    try:
+        s.connect(f"{host}:{sealed.port}")
+        forged_key, _ = pair(peers[0].id, victim.id)
+        known = next(iter(sealed.openers[peers[0].id]))
+        forged_key.key_id = known
+        chunk = wire.encode(wire.Chunk(victim.node.epoch, "w", 0, wire.PHASE_REDUCE_SCATTER, 0, 0, "float32", 4))
+        prefix, sh, sp = forged_key.seal(0, chunk, np.zeros(4, np.float32))
+        s.send_multipart([prefix, sh, bytes(sp)])          # forged (wrong key)
+        s.send_multipart([b"x" * 16, b"y", b"z"])          # garbage
+        s.send_multipart([b"only one part"])
+        assert _wait(lambda: sealed.stats["refused"] >= 3)
+    finally:
+        s.close(linger=0)
+    bufs = [np.full(1000, float(i + 1), np.float32) for i in range(2)]
+    run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
+    assert all(np.all(b == 3.0) for b in bufs)
+    assert set(victim.members) == {p.id for p in peers}, "a stranger's bytes must not evict anyone"
+
+
+def test_a_captured_frame_replayed_is_refused(inproc: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, peers = form_swarm(inproc, 2, slice_bytes=64 * 1024)
+    sender, victim = peers
+    captured: list[list[bytes]] = []
+    real_seal = aead.Sealer.seal
+
+    def spy(self: aead.Sealer, stream: int, header: bytes, payload: object) -> tuple[bytes, bytes, bytearray]:
+        out = real_seal(self, stream, header, payload)
+        captured.append([out[0], out[1], bytes(out[2])])
+        return out
+
+    monkeypatch.setattr(aead.Sealer, "seal", spy)
+    bufs = [np.full(1000, 1.0, np.float32) for _ in range(2)]
+    run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
+    monkeypatch.setattr(aead.Sealer, "seal", real_seal)
+    sealed = victim.node.transport.sealed
+    assert sealed is not None and captured
+    refused = sealed.stats["refused"]
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IDENTITY, f"{sender.id}/beef".encode())
+    try:
+        s.connect(f"{victim.node.transport.addr.rsplit(':', 1)[0]}:{sealed.port}")
+        for parts in captured:  # every frame either peer sealed: none opens again at the victim
+            s.send_multipart(parts)
+        assert _wait(lambda: sealed.stats["refused"] >= refused + len(captured))
+    finally:
+        s.close(linger=0)
+    assert ring.digest(bufs[0]) == ring.digest(bufs[1])
