@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -11,8 +10,7 @@ from collectives import keys
 from collectives.errors import LocalError
 from collectives.security import AuthLimits, Curve, Insecure, Security
 from collectives.transport import Limits
-
-log = logging.getLogger(__name__)
+from peer.logs import peer_log
 
 DEFAULT_KEY_FILE = "~/.swarmtrain/peer.key"
 SECRET_ENV, KEY_ENV = "SWARMTRAIN_SECRET", "SWARMTRAIN_KEY"
@@ -37,7 +35,7 @@ class SecurityConfig:
     def build(self, peer_id: str) -> Security:
         """A fresh policy for one transport (loads the files; creates the key file on first use)."""
         if self.insecure:
-            log.warning("%s: %s", peer_id, INSECURE_WARNING)
+            peer_log(__name__, peer_id).warning(INSECURE_WARNING)
             return Insecure()
         secret_file = self.secret_file or os.environ.get(SECRET_ENV, "")
         if not secret_file:

@@ -8,32 +8,36 @@ reform mode (``CoordinatorCore(reform_expected=...)``); if it does not answer wi
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from collectives import wire
 from collectives.errors import CoordinatorUnavailable
+from collectives.transport import Transport
+from peer.config import PeerConfig, Timeouts
+from peer.core.actions import Action
 from peer.core.coordinator import CoordinatorCore
-
-log = logging.getLogger("peer.node")
+from peer.core.ops import OpEngine
+from peer.core.states import NodeState
+from peer.logs import PeerLog
 
 
 class FailoverMixin:
     # attributes and methods provided by peer.node.Node
     id: str
     addr: str
-    state: str
+    state: NodeState
+    log: PeerLog
     term: int
     epoch: int
     members: list[str]
     addrs: dict[str, str]
-    coord: Any
+    coord: Optional[CoordinatorCore]
     coord_id: str
     coord_addr: str
-    t: Any
-    cfg: Any
-    engine: Any
-    transport: Any
+    t: Timeouts
+    cfg: PeerConfig
+    engine: OpEngine
+    transport: Transport
     reform_candidates: list[str]
     reform_term: int
     reform_deadline: float
@@ -44,6 +48,13 @@ class FailoverMixin:
     last_members: list[tuple[str, str]]
     redirects: int
     dead: set[str]
+
+    if TYPE_CHECKING:  # methods of peer.node.Node that this mixin calls
+        def _note(self, kind: str, detail: str) -> None: ...
+        def _send(self, to: str, msg: wire.Message, payload: Any = None) -> None: ...
+        def _apply(self, actions: list[Action]) -> None: ...
+        def _become_stale(self, msg: wire.Stale, now: float) -> None: ...
+        def _try_join(self, now: float) -> None: ...
 
     def _remember_members(self) -> None:
         """Keep the last epoch's members and addresses: a stale peer looks for the swarm there."""
@@ -72,18 +83,18 @@ class FailoverMixin:
         self._send(sender, wire.Redirect(member, addr))
 
     def _coordinator_dead(self, now: float, why: str) -> None:
-        if self.state != "member" or self.coord is not None:
-            if self.state in ("pending", "joining"):
+        if self.state is not NodeState.MEMBER or self.coord is not None:
+            if self.state in (NodeState.PENDING, NodeState.JOINING):
                 self._note("coordinator_lost", why)
-                self.state = "joining"
+                self.state = NodeState.JOINING
                 self._try_join(now)
             return
-        log.warning("%s: coordinator %s presumed dead (%s)", self.id, self.coord_id, why)
+        self.log.warning("coordinator %s presumed dead (%s)", self.coord_id, why)
         self._note("coordinator_lost", f"{self.coord_id}: {why}")
         self.reform_candidates = [m for m in self.members if m != self.coord_id]
         self.old_coord_id, self.old_coord_addr = self.coord_id, self.coord_addr
         self.reform_term = self.term + 1
-        self.state = "reforming"
+        self.state = NodeState.REFORMING
         self._next_candidate(now)
 
     def _next_candidate(self, now: float) -> None:
@@ -105,7 +116,7 @@ class FailoverMixin:
                                          epoch=self.epoch, members=survivors,
                                          reform_expected={m for m, _ in survivors})
             self._note("coordinator", f"taking over as coordinator, term {self.reform_term}")
-            log.warning("%s: taking over as coordinator (term %d)", self.id, self.reform_term)
+            self.log.warning("taking over as coordinator (term %d)", self.reform_term)
             self.coord_id, self.coord_addr = self.id, self.addr
             for m, a in survivors:
                 if m != self.id:

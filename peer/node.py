@@ -3,7 +3,7 @@
 
 User threads never touch sockets: they put a command on a queue, poke a pipe, and wait on a ``Handle``.
 
-Membership client states::
+Membership client states: ``peer.core.states`` (one transition table; an illegal move raises LocalError)::
 
     joining --Welcome--> pending --EpochUpdate with me--> member --Stale--> stale --rejoin()--> joining
     member --coordinator dead--> reforming --EpochUpdate from successor--> member
@@ -16,7 +16,6 @@ its last epoch (any live member answers a Join with a Redirect to its coordinato
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -30,13 +29,14 @@ from collectives.errors import (CoordinatorUnavailable, LocalError, ProtocolErro
                                 WireError)
 from collectives.transport import Bad, LinkEvent, Received, Transport
 from peer.config import PeerConfig, normalize_addr
-from peer.core.coordinator import Action, Connect, CoordinatorCore, Drop, Out
+from peer.core.actions import Action, Connect, Drop, Out
+from peer.core.coordinator import CoordinatorCore
 from peer.handle import Handle
+from peer.logs import peer_log
 from peer.core.ops import OpEngine, OpSpec
 from peer.failover import FailoverMixin
 from peer.core.probes import Probes
-
-log = logging.getLogger(__name__)
+from peer.core.states import NODE_TRANSITIONS, NodeState, transition
 
 _TO_COORDINATOR = (wire.Join, wire.Heartbeat, wire.Leave, wire.TopologyVote, wire.OpDone, wire.OpFail,
                    wire.Suspect, wire.Rejoin, wire.BwReport)
@@ -50,10 +50,11 @@ class Node(FailoverMixin):
         self.cfg = cfg
         self.t = cfg.timeouts
         self.id = cfg.peer_id
+        self.log = peer_log(__name__, self.id)
         self.transport = Transport(cfg.peer_id, cfg.host, cfg.port, limits=cfg.limits,
                                    security=cfg.security.build(cfg.peer_id))
         self.addr = normalize_addr(cfg.advertise) if cfg.advertise else self.transport.addr
-        self.state = "joining" if cfg.member else "coordinator"
+        self._state = NodeState.JOINING if cfg.member else NodeState.COORDINATOR
         self.term = 0
         self.epoch = 0
         self.members: list[str] = []
@@ -101,6 +102,14 @@ class Node(FailoverMixin):
             if not cfg.coordinator:
                 self.join_addrs = self.join_addrs or []
 
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @state.setter
+    def state(self, new: NodeState) -> None:
+        self._state = transition(NODE_TRANSITIONS, self._state, new)
+
     # ------------------------------------------------------------------ thread plumbing
     def start(self) -> "Node":
         self._thread.start()
@@ -123,7 +132,7 @@ class Node(FailoverMixin):
         self.call(lambda: None)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.error("%s: I/O thread did not stop within %.1fs", self.id, timeout)
+            self.log.error("I/O thread did not stop within %.1fs", timeout)
             return
         self.transport.close()
         os.close(self._wake_r)
@@ -149,7 +158,7 @@ class Node(FailoverMixin):
                     self._on_event(ev, now)
                 self._tick(time.monotonic())
         except Exception as exc:  # the I/O thread must never die silently (I5)
-            log.exception("%s: I/O thread crashed", self.id)
+            self.log.exception("I/O thread crashed")
             self.error = exc
             self.engine.fail_all(lambda: LocalError(f"peer I/O thread crashed: {exc!r}"))
             self._wake_waiters(LocalError(f"peer I/O thread crashed: {exc!r}"))
@@ -164,7 +173,7 @@ class Node(FailoverMixin):
         if to != self.id and to not in self.transport.links:
             addr = self.addrs.get(to)
             if addr is None:
-                log.debug("%s: no address for %s; dropping %s", self.id, to, type(msg).__name__)
+                self.log.debug("no address for %s; dropping %s", to, type(msg).__name__)
                 return
             self.transport.connect(to, addr)
         self.transport.send(to, msg, payload)
@@ -174,7 +183,7 @@ class Node(FailoverMixin):
             self._send(self.coord_id, msg)
 
     def _suspect(self, peer: str, reason: str) -> None:
-        log.warning("%s: suspect %s: %s", self.id, peer, reason)
+        self.log.warning("suspect %s: %s", peer, reason)
         self._note("suspect", f"{peer}: {reason}")
         self._to_coordinator(wire.Suspect(self.term, self.epoch, peer, wire.clip(reason)))
 
@@ -214,7 +223,7 @@ class Node(FailoverMixin):
                 elif ev.kind == "refused" and self.coord_down_since is not None:
                     self._coordinator_dead(now, "connection refused")
         elif isinstance(ev, Bad):
-            log.warning("%s: bad message from %r: %s", self.id, ev.sender, ev.error)
+            self.log.warning("bad message from %r: %s", ev.sender, ev.error)
             self._note("bad_input", f"{ev.sender}: {ev.error}")
             if ev.sender and ev.sender in self.members:
                 self._suspect(ev.sender, f"protocol: {ev.error}")
@@ -228,7 +237,7 @@ class Node(FailoverMixin):
             self.engine.on_ack(sender, msg, now)
         elif isinstance(msg, wire.BwProbe):
             rate = self.probes.on_probe(sender, msg, payload)
-            if rate is not None and self.state == "member":
+            if rate is not None and self.state is NodeState.MEMBER:
                 self._to_coordinator(wire.BwReport(self.term, self.epoch, sender, rate))
         elif isinstance(msg, _TO_COORDINATOR):
             self._to_coordinator_role(sender, msg, now)
@@ -239,39 +248,41 @@ class Node(FailoverMixin):
         if self.coord is not None:
             self._apply(self.coord.on_message(sender, msg, now))
             return
-        if isinstance(msg, wire.Join) and self.state == "redirector" and msg.peer_id == sender:
+        if isinstance(msg, wire.Join) and self.state is NodeState.REDIRECTOR and msg.peer_id == sender:
             self._redirect_joiner(sender, msg)
-        elif isinstance(msg, wire.Join) and self.state == "member" and msg.peer_id == sender:
+        elif isinstance(msg, wire.Join) and self.state is NodeState.MEMBER and msg.peer_id == sender:
             self.transport.connect(sender, msg.addr)
             self.addrs.setdefault(sender, msg.addr)
             self._send(sender, wire.Redirect(self.coord_id, self.coord_addr))
         elif isinstance(msg, wire.Rejoin) and msg.term > self.term and sender in self.members:
             # A survivor thinks the coordinator is dead and that I am its successor.
             self.addrs.setdefault(sender, msg.addr)
-            if self.state == "member" and self.transport.is_up(self.coord_id) \
+            if self.state is NodeState.MEMBER and self.transport.is_up(self.coord_id) \
                     and now - self.last_ack < self.t.ack_fresh:
                 # Our coordinator answers: the sender was stalled or cut off, not the coordinator.
                 self.transport.connect(sender, msg.addr)
                 self._send(sender, wire.Redirect(self.coord_id, self.coord_addr))
                 return
             self.early_rejoins.append((sender, msg))
-            if self.state == "member" and not self.transport.is_up(self.coord_id):
+            if self.state is NodeState.MEMBER and not self.transport.is_up(self.coord_id):
                 self._coordinator_dead(now, f"{sender} reports it gone")
 
     def _from_coordinator(self, sender: str, msg: wire.Message, now: float) -> None:
+        if self.state is NodeState.LEFT:
+            return  # we left: no coordinator moves us any more
         term = getattr(msg, "term", None)
         if isinstance(msg, wire.Stale):
             if sender == self.coord_id or (msg.term > self.term and self._may_lead(sender)):
                 self._become_stale(msg, now)
             return
         if isinstance(msg, wire.Redirect):
-            if self.state == "reforming" and msg.coord_id == self.coord_id:
+            if self.state is NodeState.REFORMING and msg.coord_id == self.coord_id:
                 # The coordinator we gave up on is alive for the others: ask it where we stand.
-                self.state = "member"
+                self.state = NodeState.MEMBER
                 self.last_ack = now
                 self._send(self.coord_id, wire.Heartbeat(self.term, self.epoch))
                 return
-            if self.state == "joining":
+            if self.state is NodeState.JOINING:
                 self._send_join(msg.coord_addr)
             return
         if term is not None and term < self.term:
@@ -281,8 +292,8 @@ class Node(FailoverMixin):
                                               "your term is over"))
             return
         if isinstance(msg, wire.Welcome):
-            if self.state == "joining":
-                self.state = "pending"
+            if self.state is NodeState.JOINING:
+                self.state = NodeState.PENDING
                 self._adopt_coordinator(sender, self._seed_addr(), msg.term)
                 self._note("pending", f"waiting for admission by {sender}")
             return
@@ -303,13 +314,13 @@ class Node(FailoverMixin):
         """While re-forming, the candidate we sent our Rejoin to resolves our in-doubt ops *before* the
         EpochUpdate that makes it our coordinator (which aborts whatever is still open): take those verdicts,
         or an op the old coordinator committed on some members would abort on the others (I2)."""
-        return (isinstance(msg, wire.OpVerdict) and self.state == "reforming" and bool(self.reform_candidates)
+        return (isinstance(msg, wire.OpVerdict) and self.state is NodeState.REFORMING and bool(self.reform_candidates)
                 and sender == self.reform_candidates[0] and msg.term == self.reform_term)
 
     def _may_lead(self, sender: str) -> bool:
         """Besides our coordinator, only a member of our epoch (a successor) may end our term or install a new
         epoch: any other authenticated peer could otherwise hijack membership. A joiner has no epoch yet."""
-        return self.state == "joining" or sender in self.members or (
+        return self.state is NodeState.JOINING or sender in self.members or (
             self.coord is not None and sender in self.coord.members)
 
     def _send_join(self, addr: str) -> None:
@@ -337,7 +348,7 @@ class Node(FailoverMixin):
         self.transport.disconnect(SEED)
 
     def _on_epoch(self, sender: str, msg: wire.EpochUpdate, now: float) -> None:
-        if msg.term == self.term and msg.epoch <= self.epoch and self.state == "member":
+        if msg.term == self.term and msg.epoch <= self.epoch and self.state is NodeState.MEMBER:
             return
         if self.coord is not None and msg.coord_id != self.id:
             self.coord = None  # someone else coordinates now
@@ -351,7 +362,7 @@ class Node(FailoverMixin):
             self._become_stale(wire.Stale(msg.term, msg.epoch, msg.coord_id, msg.coord_addr, "not in epoch"),
                                now)
             return
-        self.state = "member"
+        self.state = NodeState.MEMBER
         self.reform_candidates = []
         for m in self.members:
             if m != self.id:
@@ -363,7 +374,7 @@ class Node(FailoverMixin):
         if self.cfg.bandwidth_probes:
             self.probes.probe_new(self.id, self.epoch, self.members)
         self._note("epoch", f"{msg.epoch} {','.join(self.members)} ({msg.reason})")
-        log.info("%s: epoch %d members=%s (%s)", self.id, msg.epoch, self.members, msg.reason)
+        self.log.info("epoch %d members=%s (%s)", msg.epoch, self.members, msg.reason)
         if new_term:
             self._wake_waiters(None)  # votes cast under the old coordinator are void
         with self.admitted:
@@ -379,19 +390,21 @@ class Node(FailoverMixin):
 
     def _become_stale(self, msg: wire.Stale, now: float) -> None:
         if self.coord is not None and msg.term >= self.term and msg.coord_id != self.id:
-            log.warning("%s: stepping down as coordinator (term %d < %d)", self.id, self.term, msg.term)
+            self.log.warning("stepping down as coordinator (term %d < %d)", self.term, msg.term)
             self.coord = None
         self._remember_members()
         self.coord_id, self.coord_addr = msg.coord_id, msg.coord_addr
         self.addrs[msg.coord_id] = msg.coord_addr
+        if self.state is NodeState.LEFT:
+            return
         if not self.cfg.member:
-            self.state = "redirector"
+            self.state = NodeState.REDIRECTOR
             return
-        if self.state == "stale":
+        if self.state is NodeState.STALE:
             return
-        self.state = "stale"
+        self.state = NodeState.STALE
         self._note("stale", msg.reason)
-        log.warning("%s: stale (%s); rejoin to take part again", self.id, msg.reason)
+        self.log.warning("stale (%s); rejoin to take part again", msg.reason)
         self.engine.fail_all(lambda: StaleError(f"{self.id} is stale: {msg.reason}"))
         self._wake_waiters(StaleError(f"{self.id} is stale: {msg.reason}"))
         with self.admitted:
@@ -400,11 +413,11 @@ class Node(FailoverMixin):
     # ------------------------------------------------------------------ joining
     def _begin_join(self) -> None:
         now = time.monotonic()
-        self.state = "joining"
+        self.state = NodeState.JOINING
         self.join_deadline = now + self.t.join_timeout
         if self.coord is not None and self.coord_id == self.id:
             self.transport.send(self.id, wire.Join(self.id, self.addr, self.cfg.swarm))
-            self.state = "pending"
+            self.state = NodeState.PENDING
             return
         first = [self.coord_addr] if self.coord_addr and self.coord_addr != self.addr else []
         self.join_addrs = list(dict.fromkeys(first + self.join_addrs + [a for _, a in self.last_members]))
@@ -423,11 +436,18 @@ class Node(FailoverMixin):
         self.members, self.epoch = [], 0
         self._begin_join()
 
+    def submit_rejoin(self, handle: Handle) -> None:
+        if NodeState.JOINING not in NODE_TRANSITIONS[self.state] and self.state is not NodeState.JOINING:
+            handle.fail(LocalError(f"{self.id} cannot rejoin (state {self.state})"))
+            return
+        self.rejoin()
+        handle.resolve(None)
+
     # ------------------------------------------------------------------ timers
     def _tick(self, now: float) -> None:
         if now - self._last_tick > self.t.local_stall:
             # We were not running (SIGSTOP, swap, a long GC): the silence was ours, not the coordinator's.
-            log.warning("%s: local stall of %.1fs; checking in before judging others", self.id,
+            self.log.warning("local stall of %.1fs; checking in before judging others",
                         now - self._last_tick)
             self._note("local_stall", f"{now - self._last_tick:.1f}s")
             self.last_ack = now
@@ -442,7 +462,7 @@ class Node(FailoverMixin):
             elif self.coord.lost_quorum:
                 self._step_down(now)
         self.engine.tick(now, self.t.op_progress_timeout)
-        if self.state in ("member", "pending") and self.coord_id:
+        if self.state in (NodeState.MEMBER, NodeState.PENDING) and self.coord_id:
             if now - self._last_hb >= self.t.heartbeat_interval:
                 self._last_hb = now
                 self._to_coordinator(wire.Heartbeat(self.term, self.epoch))
@@ -451,15 +471,15 @@ class Node(FailoverMixin):
                     self._coordinator_dead(now, f"no heartbeat ack for {now - self.last_ack:.1f}s")
                 elif self.coord_down_since is not None and now - self.coord_down_since > self.t.reconnect_grace:
                     self._coordinator_dead(now, "link down")
-        elif self.state == "joining":
+        elif self.state is NodeState.JOINING:
             if now > self.join_deadline:
-                self.state = "stale"
+                self.state = NodeState.STALE
                 self._wake_waiters(CoordinatorUnavailable("could not join: no coordinator answered"))
                 with self.admitted:
                     self.admitted.notify_all()
             elif now >= self.join_retry_at:
                 self._try_join(now)
-        elif self.state == "reforming" and (now > self.reform_deadline or self.reform_candidates[:1] and
+        elif self.state is NodeState.REFORMING and (now > self.reform_deadline or self.reform_candidates[:1] and
                                             self.reform_candidates[0] in self.dead):
             if self.reform_candidates:
                 self.reform_candidates.pop(0)
@@ -467,28 +487,28 @@ class Node(FailoverMixin):
 
     # ------------------------------------------------------------------ commands (I/O thread)
     def submit_op(self, spec: OpSpec, handle: Handle) -> None:
-        if self.state == "stale":
+        if self.state is NodeState.STALE:
             handle.fail(StaleError(f"{self.id} is stale: rejoin first"))
-        elif self.state != "member":
+        elif self.state is not NodeState.MEMBER:
             handle.fail(TooFewPeers(f"{self.id} is not a member yet (state {self.state})",
-                                    reason="not admitted") if self.state == "reforming"
+                                    reason="not admitted") if self.state is NodeState.REFORMING
                         else LocalError(f"{self.id} is not a member (state {self.state})"))
         else:
             self.engine.issue(spec, handle, time.monotonic())
 
     def submit_topology(self, handle: Handle) -> None:
-        if self.state == "stale":
+        if self.state is NodeState.STALE:
             handle.fail(StaleError(f"{self.id} is stale: rejoin first"))
             return
-        if self.state != "member":
+        if self.state is not NodeState.MEMBER:
             handle.fail(LocalError(f"{self.id} is not a member (state {self.state})"))
             return
         self.topology_waiters.append(handle)
         self._to_coordinator(wire.TopologyVote(self.term, self.epoch))
 
     def submit_leave(self, handle: Handle) -> None:
-        if self.state in ("member", "pending"):
+        if self.state in (NodeState.MEMBER, NodeState.PENDING):
             self._to_coordinator(wire.Leave(self.term, self.epoch))
-        self.state = "left"
+        self.state = NodeState.LEFT
         self.engine.fail_all(lambda: LocalError("left the swarm"))
         handle.resolve(None)

@@ -23,6 +23,7 @@ from peer.config import PeerConfig
 from peer.handle import Handle
 from peer.node import Node
 from peer.core.ops import OpSpec
+from peer.core.states import NodeState
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 300.0
@@ -191,7 +192,8 @@ class Swarm:
 
     @property
     def state(self) -> str:
-        return self.node.state
+        """joining, pending, member, reforming, stale, coordinator, redirector or left (``peer.core.states``)."""
+        return self.node.state.value
 
     @property
     def is_coordinator(self) -> bool:
@@ -201,7 +203,7 @@ class Swarm:
     def peers_pending(self) -> int:
         """Joiners waiting, as carried by the last committed op's verdict: the same number on every member,
         so a loop may branch on it before calling ``update_topology``."""
-        return self.node.engine.pending
+        return int(self.node.engine.pending)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -215,8 +217,8 @@ class Swarm:
         """Block until this peer is a member of an epoch."""
         deadline = time.monotonic() + timeout
         with self.node.admitted:
-            while self.node.state != "member":
-                if self.node.state == "stale" or self.node.error is not None:
+            while self.node.state is not NodeState.MEMBER:
+                if self.node.state is NodeState.STALE or self.node.error is not None:
                     raise StaleError(f"{self.id} could not join (state {self.node.state})")
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -226,8 +228,8 @@ class Swarm:
     def wait_epoch_change(self, old_epoch: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         with self.node.admitted:
-            while self.node.epoch == old_epoch or self.node.state != "member":
-                if self.node.state == "stale":
+            while self.node.epoch == old_epoch or self.node.state is not NodeState.MEMBER:
+                if self.node.state is NodeState.STALE:
                     raise StaleError(f"{self.id} is stale")
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -275,7 +277,7 @@ class Swarm:
     def rejoin(self, timeout: float = 60.0) -> None:
         """After a StaleError: ask to be admitted again (then resync any shared state)."""
         started = Handle("rejoin")
-        self.node.call(lambda: (self.node.rejoin(), started.resolve()))
+        self.node.call(self.node.submit_rejoin, started)
         started.wait(timeout)
         self.wait_admitted(timeout)
 
@@ -285,7 +287,7 @@ class Swarm:
         h.wait(timeout)
 
     def close(self) -> None:
-        if self.node.state in ("member", "pending"):
+        if self.node.state in (NodeState.MEMBER, NodeState.PENDING):
             try:
                 self.leave()
             except DeadlineExceeded:

@@ -25,16 +25,16 @@ Invariants:
 from __future__ import annotations
 
 import collections
-import logging
 from dataclasses import dataclass, field
 
 from collectives import wire
+from collectives.errors import WireError
 from collectives.ring import group_id
 from collectives.topology import best_ring, bottleneck
 from peer.config import Timeouts
 from peer.core.actions import Action, Connect, Drop, Out  # noqa: F401  (re-exported)
-
-log = logging.getLogger(__name__)
+from peer.core.states import COORD_TRANSITIONS, CoordMode, transition
+from peer.logs import peer_log
 
 WORLD = "w"
 MAX_DECIDED = 8192
@@ -55,6 +55,7 @@ class CoordinatorCore:
                  epoch: int = 0, members: list[tuple[str, str]] | None = None,
                  reform_expected: set[str] | None = None) -> None:
         self.me, self.me_addr, self.t, self.swarm = me, me_addr, timeouts, swarm
+        self.log = peer_log(__name__, me, role="coordinator")
         self.term, self.epoch = term, epoch
         self.members: list[str] = [m for m, _ in members or []]
         self.addrs: dict[str, str] = dict(members or [])
@@ -66,21 +67,43 @@ class CoordinatorCore:
         self.decided: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.evictions = 0
         # reform state (successor after a coordinator failure)
-        self.reforming = reform_expected is not None
+        self._mode = CoordMode.REFORMING if reform_expected is not None else CoordMode.ACTIVE
         self.reform_deadline = now + timeouts.reform_window
         self.reform_expected = set(reform_expected or ())
         self.rejoined: dict[str, wire.Rejoin] = {}
-        self.failed_reform = False
-        self.lost_quorum = False
         self.bw: dict[tuple[str, str], float] = {}      # measured (sender, receiver) -> bytes/s
         self.reorder: list[str] | None = None          # a faster ring, applied at the next topology vote
         self.former: collections.OrderedDict[str, str] = collections.OrderedDict()  # evicted id -> addr
+
+    # ------------------------------------------------------------------ mode (``peer.core.states``)
+    @property
+    def mode(self) -> CoordMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, new: CoordMode) -> None:
+        self._mode = transition(COORD_TRANSITIONS, self._mode, new)
+
+    @property
+    def reforming(self) -> bool:
+        """A successor waiting for the survivors' Rejoins."""
+        return self._mode is CoordMode.REFORMING
+
+    @property
+    def failed_reform(self) -> bool:
+        """Could not re-form (no quorum of survivors): the node drops this core and goes stale."""
+        return self._mode is CoordMode.FAILED
+
+    @property
+    def lost_quorum(self) -> bool:
+        """Stepped down (cannot hear a majority): the node drops this core."""
+        return self._mode is CoordMode.STEPPED_DOWN
 
     # ------------------------------------------------------------------ helpers
     def _epoch_update(self, reason: str) -> list[Action]:
         msg = wire.EpochUpdate(self.term, self.epoch, self.me, self.me_addr, tuple(self.members),
                                tuple(self.addrs[m] for m in self.members), reason)
-        log.info("coordinator %s: epoch %d members=%s (%s)", self.me, self.epoch, self.members, reason)
+        self.log.info("epoch %d members=%s (%s)", self.epoch, self.members, reason)
         return [Out(m, msg) for m in self.members]
 
     def _decide(self, key: tuple[int, str, int], members: tuple[str, ...], commit: bool,
@@ -112,7 +135,7 @@ class CoordinatorCore:
             return [Drop(peer)]
         if peer not in self.members:
             return []
-        log.warning("coordinator %s: evicting %s (%s)", self.me, peer, reason)
+        self.log.warning("evicting %s (%s)", peer, reason)
         self.evictions += 1
         self.members.remove(peer)
         self.last_seen.pop(peer, None)
@@ -163,7 +186,8 @@ class CoordinatorCore:
         if isinstance(msg, wire.Heartbeat):
             out: list[Action] = [Out(sender, wire.HeartbeatAck(self.term, self.epoch, self._wanted()))]
             if msg.epoch < self.epoch and sender in self.members:
-                out += [a for a in self._epoch_update("repeated: you are behind") if a.to == sender]
+                out += [a for a in self._epoch_update("repeated: you are behind")
+                        if isinstance(a, Out) and a.to == sender]
             return out
         if isinstance(msg, wire.Leave):
             return self.evict(sender, "left")
@@ -187,7 +211,7 @@ class CoordinatorCore:
         if msg.peer_id != sender:
             return []
         if msg.swarm != self.swarm:
-            log.warning("coordinator %s: refusing %s from swarm %r", self.me, sender, msg.swarm)
+            self.log.warning("refusing %s from swarm %r", sender, msg.swarm)
             return [Connect(sender, msg.addr),
                     Out(sender, wire.Stale(self.term, self.epoch, self.me, self.me_addr,
                                            f"wrong swarm {msg.swarm!r}"))]
@@ -241,7 +265,7 @@ class CoordinatorCore:
         new = bottleneck(best, self.bw)
         if cur is not None and new is not None and new > REORDER_GAIN * cur:
             if self.reorder != best:
-                log.info("coordinator %s: ring %s would run at %.3g B/s instead of %.3g", self.me, best, new, cur)
+                self.log.info("ring %s would run at %.3g B/s instead of %.3g", best, new, cur)
             self.reorder = best
         return []
 
@@ -344,9 +368,9 @@ class CoordinatorCore:
 
     def _step_down(self, lost: list[str], now: float) -> list[Action]:
         voters = set(self.members) | {self.me}
-        log.warning("coordinator %s: cannot hear a majority of %d voters (silent: %s); stepping down",
-                    self.me, len(voters), ",".join(lost))
-        self.lost_quorum = True
+        self.log.warning("cannot hear a majority of %d voters (silent: %s); stepping down",
+                         len(voters), ",".join(lost))
+        self.mode = CoordMode.STEPPED_DOWN
         out = self._abort_open_ops("coordinator lost its quorum")
         stale = wire.Stale(self.term, self.epoch, self.me, self.me_addr, "coordinator lost its quorum")
         return out + [Out(m, stale) for m in self.members if m != self.me and m not in lost]
@@ -367,15 +391,15 @@ class CoordinatorCore:
         return [Connect(sender, msg.addr)]
 
     def _finish_reform(self, now: float) -> list[Action]:
-        self.reforming = False
         quorum = len(self.reform_expected) // 2 + 1
         if len(self.reform_expected & set(self.rejoined)) < quorum:  # strangers' Rejoins do not count
             # A minority (e.g. we were partitioned or stalled): forming a swarm here would split the brain.
-            log.warning("coordinator %s: only %d of %d survivors checked in (quorum %d); giving up",
-                        self.me, len(self.rejoined), len(self.reform_expected), quorum)
-            self.failed_reform = True
+            self.log.warning("only %d of %d survivors checked in (quorum %d); giving up",
+                             len(self.rejoined), len(self.reform_expected), quorum)
+            self.mode = CoordMode.FAILED
             return [Out(m, wire.Stale(self.term, self.epoch, self.me, self.me_addr, "no quorum to re-form"))
                     for m in self.rejoined if m != self.me]
+        self.mode = CoordMode.ACTIVE
         self.members = [m for m in self.members if m in self.rejoined]
         for m in list(self.addrs):
             if m not in self.members:
@@ -386,7 +410,7 @@ class CoordinatorCore:
             for skey in r.awaiting:
                 try:
                     e, g, s = wire.parse_op_key(skey)
-                except wire.WireError:
+                except WireError:
                     continue
                 commit = skey in committed
                 self.decided[skey] = commit
@@ -395,5 +419,5 @@ class CoordinatorCore:
         for m in self.members:
             self.last_seen[m] = now
         self.epoch += 1
-        log.warning("coordinator %s: re-formed swarm under term %d with %s", self.me, self.term, self.members)
+        self.log.warning("re-formed swarm under term %d with %s", self.term, self.members)
         return out + self._epoch_update(f"re-formed under {self.me} (term {self.term})")

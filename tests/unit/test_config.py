@@ -78,3 +78,15 @@ def test_derived_deadlines() -> None:
     assert t.join_retry == 1.0 and Timeouts.local(heartbeat_interval=0.5, heartbeat_timeout=3,
                                                   coordinator_timeout=3).join_retry == 2.0
     assert {f.name for f in dataclasses.fields(Timeouts)} >= {"resend_interval", "ack_slack"}
+
+
+def test_peer_log_prefixes_the_id_and_tags_the_record(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from peer.logs import peer_log
+
+    with caplog.at_level(logging.INFO, logger="peer.test"):
+        peer_log("peer.test", "p7").info("epoch %d", 3)
+        peer_log("peer.test", "c1", role="coordinator").warning("evicting %s", "p2")
+    got = [(r.getMessage(), getattr(r, "peer")) for r in caplog.records if r.name == "peer.test"]
+    assert got == [("p7: epoch 3", "p7"), ("coordinator c1: evicting p2", "c1")]
