@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from collectives.errors import LocalError
-from recovery.rebuild import NeighbourState, RebuildResult, StageLost, StageRebuild
+from recovery.rebuild import NeighbourState, RebuildRefused, RebuildResult, StageLost, StageRebuild
 from recovery.shared_state import Comm, SharedState, SyncResult, sync
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,10 @@ def rebuild_from_neighbours(rule: Optional[StageRebuild], stage: int, num_stages
     if not neighbours:
         raise StageLost(stage, "no surviving replica and no neighbouring stage to rebuild from")
     shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
-    result = rule.rebuild(stage, num_stages, shapes, neighbours)
+    try:
+        result = rule.rebuild(stage, num_stages, shapes, neighbours)
+    except RebuildRefused as exc:
+        raise StageLost(stage, f"no surviving replica, and the rebuild was refused: {exc}") from exc
     load_weights(module, result.weights)
     return result
 
@@ -152,7 +155,7 @@ def load_weights(module: torch.nn.Module, weights: dict[str, np.ndarray]) -> Non
     with torch.no_grad():
         for n, p in params.items():
             w = np.asarray(weights[n])
-            if tuple(w.shape) != tuple(p.shape) or w.dtype != np.float32:
+            if tuple(w.shape) != tuple(p.shape) or w.dtype != p.detach().numpy().dtype:
                 raise LocalError(f"rebuilt {n!r} is {w.shape} {w.dtype}, the stage's is {tuple(p.shape)}")
             p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
 

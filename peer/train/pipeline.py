@@ -54,6 +54,16 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """SHA-256 over named arrays (sorted by name; dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    for n in sorted(weights):
+        a = np.ascontiguousarray(weights[n])
+        h.update(f"{n}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def default_loss(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the last dimension (logits (..., V), integer targets (...))."""
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
@@ -124,6 +134,7 @@ class Pipeline:
         self.last_norms: list[tuple[float, float]] = []
         self.steps_aborted = 0
         self.bytes_sent = 0
+        self.rebuilt_digest = ""              # SHA-256 of the weights of the last stage rebuilt here
         self.outgoing: Callable[[torch.Tensor, str], torch.Tensor] = lambda t, what: t  # tests corrupt this
         self.make_opt(list(self.stages[0].parameters()))   # torch's lazy imports now, not under op deadlines
         swarm.wait_admitted(join_timeout)
@@ -154,7 +165,7 @@ class Pipeline:
                 raise
             except NotEnoughPeers as exc:
                 log.warning("%s: %s; waiting for peers", self.swarm.id, exc)
-                self.swarm.wait_for_members(max(2, self.S), self.join_timeout)
+                self._wait_for_peers()
                 last = exc
                 continue
             except StaleError as exc:
@@ -173,6 +184,22 @@ class Pipeline:
             last = SwarmError(rec.reason)
             self._wait_change(rec.epoch, last)
         raise DeadlineExceeded(f"step {self.committed} did not commit in {self.attempts} attempts: {last}")
+
+    def _wait_for_peers(self) -> None:
+        """Fewer members than stages (every member sees the same): topology updates (a collective; alone
+        it completes at once) admit whoever waits, until enough members are in or ``join_timeout`` passes."""
+        need = max(2, self.S)
+        deadline = time.monotonic() + self.join_timeout
+        while len(self.swarm.members) < need:
+            if time.monotonic() > deadline:
+                raise NotEnoughPeers(f"only {len(self.swarm.members)} members for {self.S} stages after "
+                                     f"{self.join_timeout:.0f}s")
+            epoch = self.swarm.update_topology(self.op_timeout)
+            if len(self.swarm.members) < need:
+                try:
+                    self.swarm.wait_epoch_change(epoch, 0.5)
+                except DeadlineExceeded:
+                    pass  # nobody joined yet; vote again
 
     def _wait_change(self, epoch: int, exc: BaseException) -> None:
         """After a failed attempt: give the swarm time to evict the peer that caused it (bounded)."""
@@ -366,6 +393,7 @@ class Pipeline:
         self.committed = plan.committed
         log.warning("%s: rebuilt stage %d from stages %s (%s%s)", me, s, wanted, res.how,
                     ", degraded" if res.degraded else "")
+        self.rebuilt_digest = weights_digest(res.weights)
         return f"rebuild:{res.how}" + (" (degraded)" if res.degraded else "")
 
     def _swap_partner(self, s: int) -> int:
@@ -414,4 +442,4 @@ class Pipeline:
         return max(self.committed, 0)
 
 
-__all__ = ["ActivationError", "Pipeline", "StageLost", "StepRecord", "default_loss"]
+__all__ = ["ActivationError", "Pipeline", "StageLost", "StepRecord", "default_loss", "weights_digest"]

@@ -3,7 +3,7 @@ committed step, a replica lost mid-step, garbage activations, stage reassignment
 
 from __future__ import annotations
 
-import time
+from functools import partial
 from typing import Any, Optional
 
 import pytest
@@ -100,7 +100,7 @@ def test_two_stages_equal_single_process_reference(inproc: InProcess) -> None:
     the same order with the same 1/M scaling as the reference, through the same kernels."""
     _, peers = form_swarm(inproc, 2)
     steps = 4
-    pipes = run_all([lambda p=p, i=i: train(p, steps, stage=i) for i, p in enumerate(peers)], timeout=50)
+    pipes = run_all([partial(train, p, steps, stage=i) for i, p in enumerate(peers)], timeout=50)
     assert all(isinstance(p, Pipeline) for p in pipes), pipes
     ref, ref_losses = reference(steps)
     for p in pipes:
@@ -122,7 +122,7 @@ def test_replicas_bit_identical_after_every_step(inproc: InProcess) -> None:
     def hook(pipe: Pipeline) -> None:
         digests.setdefault((pipe.committed, pipe.stage), set()).add(pipe.digest())
 
-    pipes = run_all([lambda p=p, i=i: train(p, steps, hook=hook, stage=i % 2) for i, p in enumerate(peers)],
+    pipes = run_all([partial(train, p, steps, hook=hook, stage=i % 2) for i, p in enumerate(peers)],
                     timeout=50)
     assert all(isinstance(p, Pipeline) for p in pipes), pipes
     assert sorted(len(v) for v in by_stage(pipes).values()) == [2, 2]
