@@ -50,7 +50,7 @@ Codecs for the pseudo-gradient all-reduce: none, fp16, bf16, int8 (``collectives
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -62,11 +62,10 @@ from collectives import codecs
 from collectives.errors import (CoordinatorUnavailable, DeadlineExceeded, LocalError, OpAborted, StaleError,
                                 TooFewPeers)
 from peer.handle import Handle
+from peer.logs import peer_log
 from peer.swarm import Swarm, with_retry
 from peer.train.outer import flatten_params, fragment_bounds, load_params, outer_sgd, state_digest, weight_scale
 from recovery.shared_state import NoSource, SharedState, sync
-
-log = logging.getLogger(__name__)
 
 MODES = ("sync", "eager", "streaming")
 
@@ -92,6 +91,35 @@ class RoundRecord:
     t: float = 0.0
 
 
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """DiLoCo's options (``DiLoCo(model, inner, swarm, DiLoCoConfig(...))`` or the same names as keywords)."""
+    inner_steps: int = 100            # H: local steps between syncs
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    codec: Optional[str] = None       # pseudo-gradient all-reduce: None/"none", fp16, bf16, int8
+    mode: str = "sync"                # sync | eager | streaming
+    fragments: int = 1                # streaming: parameter fragments (>= 2, dividing inner_steps)
+    op_timeout: float = 600.0         # deadline of one collective of a sync
+    join_timeout: float = 600.0       # admission, and a joiner's first sync (waiting for a partner)
+    alone_wait: float = 10.0          # alone at a sync: wait this long for a partner, then discard
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise LocalError(f"mode must be one of {MODES}, not {self.mode!r}")
+        codecs.get(self.codec)  # raises LocalError for an unknown codec
+        if self.inner_steps < 1:
+            raise LocalError("inner_steps must be at least 1")
+        if self.mode == "streaming":
+            if self.fragments < 2 or self.inner_steps % self.fragments:
+                raise LocalError("streaming needs fragments >= 2 that divide inner_steps")
+        elif self.fragments != 1:
+            raise LocalError("fragments > 1 needs mode='streaming'")
+        if min(self.op_timeout, self.join_timeout) <= 0 or self.alone_wait < 0:
+            raise LocalError("op_timeout and join_timeout must be positive, alone_wait not negative")
+
+
 @dataclass
 class _InFlight:
     """The eager mode's background all-reduce of one round."""
@@ -115,31 +143,27 @@ class DiLoCo:
     first inner step). LR schedulers attach to the inner optimizer as usual. Model buffers (e.g. batch-norm
     statistics) stay local; only parameters are synchronized."""
 
-    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, swarm: Swarm, *,
-                 inner_steps: int = 100, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 nesterov: bool = True, codec: Optional[str] = None, mode: str = "sync",
-                 fragments: int = 1, op_timeout: float = 600.0, join_timeout: float = 600.0,
-                 alone_wait: float = 10.0, on_round: Optional[Callable[[RoundRecord], None]] = None) -> None:
-        if mode not in MODES:
-            raise LocalError(f"mode must be one of {MODES}, not {mode!r}")
-        codecs.get(codec)  # raises LocalError for an unknown codec
-        if inner_steps < 1:
-            raise LocalError("inner_steps must be at least 1")
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, swarm: Swarm,
+                 config: Optional[DiLoCoConfig] = None, *,
+                 on_round: Optional[Callable[[RoundRecord], None]] = None, **options: Any) -> None:
+        """``config`` holds the options (``DiLoCoConfig``); each may also be given as a keyword
+        (``inner_steps=50, mode="eager"``), which overrides the config's value."""
+        unknown = set(options) - {f.name for f in dataclasses.fields(DiLoCoConfig)}
+        if unknown:
+            raise LocalError(f"DiLoCo got unknown option(s) {sorted(unknown)}")
+        cfg = dataclasses.replace(config or DiLoCoConfig(), **options)
         self.params = list(model.parameters())
         if not self.params:
             raise LocalError("the model has no parameters")
-        if mode == "streaming":
-            if fragments < 2 or inner_steps % fragments:
-                raise LocalError("streaming needs fragments >= 2 that divide inner_steps")
-        elif fragments != 1:
-            raise LocalError("fragments > 1 needs mode='streaming'")
+        self.config = cfg
         self.model, self.inner, self.swarm = model, inner_optimizer, swarm
-        self.H, self.mode, self.codec = inner_steps, mode, None if codec in (None, "none") else codec
-        self.lr, self.mu, self.nesterov = outer_lr, outer_momentum, nesterov
-        self.op_timeout, self.join_timeout, self.alone_wait = op_timeout, join_timeout, alone_wait
+        self.log = peer_log(__name__, swarm.id)
+        self.H, self.mode, self.codec = cfg.inner_steps, cfg.mode, None if cfg.codec in (None, "none") else cfg.codec
+        self.lr, self.mu, self.nesterov = cfg.outer_lr, cfg.outer_momentum, cfg.nesterov
+        self.op_timeout, self.join_timeout, self.alone_wait = cfg.op_timeout, cfg.join_timeout, cfg.alone_wait
         self.on_round = on_round
-        self.frags = fragment_bounds([p.numel() for p in self.params], fragments)
-        self.interval = inner_steps // fragments
+        self.frags = fragment_bounds([p.numel() for p in self.params], cfg.fragments)
+        self.interval = cfg.inner_steps // cfg.fragments
         # the shared state: never rebound (the shared-state sync writes into these arrays)
         self.theta = flatten_params(self.params)                    # (N,) outer weights
         self.mom = np.zeros_like(self.theta)                        # (N,) outer momentum
@@ -227,7 +251,7 @@ class DiLoCo:
                     self._discard(f"too few peers ({exc.reason or exc})")
                     return
             except (StaleError, CoordinatorUnavailable) as exc:
-                log.warning("%s: %s; rejoining", self.swarm.id, exc)
+                self.log.warning("%s; rejoining", exc)
                 self._discard(f"stale: {exc}")
                 self.swarm.rejoin(self.join_timeout)
                 fn, entry = (lambda: self._exchange(entry=True)), True   # it enters like any joiner
@@ -280,7 +304,7 @@ class DiLoCo:
             return False
         self.prev_avg = self.prev_mine = None
         self._reset_all()
-        log.info("%s: took the swarm's outer state (revision %d)", self.swarm.id, self.revision)
+        self.log.info("took the swarm's outer state (revision %d)", self.revision)
         return True
 
     def _average(self, mine: np.ndarray, w: float, background: bool = False) -> tuple[float, Any, Any]:
@@ -369,7 +393,7 @@ class DiLoCo:
     def _discard(self, reason: str) -> None:
         """No commit was possible: drop the local steps, go back to the last outer weights."""
         self.faults += 1
-        log.warning("%s: sync failed (%s); discarding local steps, back to revision %d", self.swarm.id,
+        self.log.warning("sync failed (%s); discarding local steps, back to revision %d",
                     reason, self.revision)
         self.inflight = None
         self.prev_avg = self.prev_mine = None

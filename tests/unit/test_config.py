@@ -90,3 +90,14 @@ def test_peer_log_prefixes_the_id_and_tags_the_record(caplog: pytest.LogCaptureF
         peer_log("peer.test", "c1", role="coordinator").warning("evicting %s", "p2")
     got = [(r.getMessage(), getattr(r, "peer")) for r in caplog.records if r.name == "peer.test"]
     assert got == [("p7: epoch 3", "p7"), ("coordinator c1: evicting p2", "c1")]
+
+
+def test_diloco_config_validates_and_keywords_override() -> None:
+    from peer.train.diloco import DiLoCoConfig
+
+    for bad in (dict(codec="zip"), dict(mode="async"), dict(mode="streaming", fragments=2, inner_steps=3),
+                dict(fragments=2), dict(inner_steps=0), dict(op_timeout=0.0)):
+        with pytest.raises(LocalError):
+            DiLoCoConfig(**bad)  # type: ignore[arg-type]
+    cfg = dataclasses.replace(DiLoCoConfig(mode="eager"), inner_steps=7)
+    assert (cfg.mode, cfg.inner_steps, cfg.outer_lr) == ("eager", 7, 0.7)
