@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -97,7 +98,7 @@ class Sealer:
     def __post_init__(self) -> None:
         self._aead = _aead(self.key, self.cipher)
 
-    def seal(self, stream: int, header: bytes, payload: Any) -> tuple[bytes, bytes, bytearray]:
+    def seal(self, stream: int, header: bytes, payload: Any) -> tuple[bytes, bytes, np.ndarray]:
         """(prefix, sealed header, sealed payload); the payload is read once, written once (encrypt_into)."""
         c = self.counters.get(stream, 0) + 1
         if c >= MAX_COUNTER:
@@ -106,7 +107,7 @@ class Sealer:
         prefix = PREFIX.pack(self.key_id, stream, c)
         sealed_header = self._aead.encrypt(_nonce(stream, 2 * c), header, prefix)
         mv = memoryview(payload).cast("B")
-        out = bytearray(mv.nbytes + TAG_BYTES)
+        out = np.empty(mv.nbytes + TAG_BYTES, np.uint8)  # not zero-filled: encrypt_into writes every byte
         self._aead.encrypt_into(_nonce(stream, 2 * c + 1), mv, prefix, out)
         return prefix, sealed_header, out
 
@@ -123,7 +124,7 @@ class Opener:
     def __post_init__(self) -> None:
         self._aead = _aead(self.key, self.cipher)
 
-    def open(self, prefix: bytes, sealed_header: Any, sealed_payload: Any) -> tuple[bytes, bytearray]:
+    def open(self, prefix: bytes, sealed_header: Any, sealed_payload: Any) -> tuple[bytes, np.ndarray]:
         """(header, payload) of an authentic, fresh frame; ``AuthError`` for anything else."""
         key_id, stream, c = parse_prefix(prefix)
         if key_id != self.key_id:
@@ -135,7 +136,7 @@ class Opener:
         mv = memoryview(sealed_payload).cast("B")
         if mv.nbytes < TAG_BYTES:
             raise AuthError("sealed payload shorter than its tag")
-        out = bytearray(mv.nbytes - TAG_BYTES)
+        out = np.empty(mv.nbytes - TAG_BYTES, np.uint8)
         try:
             header = self._aead.decrypt(_nonce(stream, 2 * c), bytes(sealed_header), prefix)
             self._aead.decrypt_into(_nonce(stream, 2 * c + 1), mv, prefix, out)

@@ -420,16 +420,20 @@ class Transport:
         if self.sealed is None:
             raise WireError(f"{type(msg).__name__} in insecure mode")
         link = self.links.get(sender)
-        if isinstance(msg, wire.DataOffer):
-            reply = self.sealed.on_offer(sender, msg)
-            if link is None:
-                self.sealed.owed[sender] = reply  # sent when we open our link to the sender
-            else:
-                link.sock.send(wire.encode(reply))
-        elif link is None:
-            raise AuthError("DataAccept from a peer we have no link to")
-        else:
-            self.sealed.on_accept(sender, msg, link.addr.rsplit(":", 1)[0])
+        try:  # the sender is authenticated: what is wrong here is its fault (WireError blames it)
+            if isinstance(msg, wire.DataOffer):
+                reply = self.sealed.on_offer(sender, msg)
+                if link is None:
+                    self.sealed.owed[sender] = reply  # sent when we open our link to the sender
+                else:
+                    link.sock.send(wire.encode(reply))
+            elif link is None or sender not in self.sealed.pending:
+                raise WireError("DataAccept for no offer of ours")
+            elif self.sealed.pending[sender].key_id == msg.key_id:
+                self.sealed.on_accept(sender, msg, link.addr.rsplit(":", 1)[0])
+            # else: the answer to an offer we have since replaced (a reconnect); the newer one follows
+        except AuthError as exc:
+            raise WireError(str(exc)) from None
 
     def _drain_sealed(self) -> Iterator[Event]:
         assert self.sealed is not None

@@ -41,7 +41,8 @@ def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_byt
     sec = max(r["seconds_per_op"] for r in results)
     return {"backend": "swarmtrain", "peers": n, "bytes": nbytes, "seconds_per_op": sec,
             "busbw_gbps": 2 * (n - 1) / n * nbytes / sec / 1e9,
-            "rel_error": max(r.get("rel_error", 0.0) for r in results)}
+            "rel_error": max(r.get("rel_error", 0.0) for r in results),
+            "peak_mem_over_buffer": max(r.get("peak_mem_over_buffer", 0.0) for r in results)}
 
 
 def catchup(sources: int, mb: float, timeout: float = 600.0) -> dict[str, Any]:
@@ -79,6 +80,7 @@ def run_bench(a: argparse.Namespace) -> int:
                            "swarmtrain_busbw_gbps": round(ours["busbw_gbps"], 4),
                            "swarmtrain_seconds_per_op": round(ours["seconds_per_op"], 5),
                            "rel_error_vs_exact": ours["rel_error"],
+                           "peak_mem_over_buffer": round(ours["peak_mem_over_buffer"], 2),
                            "parity_digest": not a.no_digest, "secure": not getattr(a, "insecure", False)}
     if not a.skip_gloo:
         gloo = run_gloo_allreduce(a.peers, nbytes, iters=a.iters, warmup=a.warmup)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     """Time ``iters`` all-reduces of ``elems`` float32 among exactly ``expect`` members, then measure the
     error of one all-reduce of random data against the exact (float64) sum."""
     swarm.wait_for_members(expect, timeout)
+    rss_before = _rss_bytes()  # everything but the buffer: the peak is measured against this
     x = np.ones(elems, dtype=np.float32)
     for _ in range(warmup):
         swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
@@ -27,6 +29,7 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     for _ in range(iters):
         swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
     elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     ok = codec is not None or bool(np.all(x == np.float32(expect) ** iters))
     members = swarm.members
     y = input_for(members.index(swarm.id), elems)
@@ -35,4 +38,16 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     rel_error = float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
     swarm.comm.barrier(timeout=timeout)
     return {"peer": swarm.id, "seconds_per_op": elapsed / iters, "correct": ok, "members": len(members),
-            "rel_error": rel_error, "ring": members}
+            "rel_error": rel_error, "ring": members,
+            # peak resident memory while all-reducing, beyond what the process held before the buffer
+            # existed, in units of the buffer (the caller's buffer itself counts 1)
+            "peak_mem_over_buffer": (peak - rss_before) / max(1, x.nbytes)}
+
+
+def _rss_bytes() -> int:
+    """This process's resident set now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -172,7 +172,7 @@ def test_a_captured_frame_replayed_is_refused(inproc: InProcess, monkeypatch: py
     captured: list[list[bytes]] = []
     real_seal = aead.Sealer.seal
 
-    def spy(self: aead.Sealer, stream: int, header: bytes, payload: object) -> tuple[bytes, bytes, bytearray]:
+    def spy(self: aead.Sealer, stream: int, header: bytes, payload: object) -> tuple[bytes, bytes, np.ndarray]:
         out = real_seal(self, stream, header, payload)
         captured.append([out[0], out[1], bytes(out[2])])
         return out

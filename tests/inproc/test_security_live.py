@@ -50,6 +50,11 @@ def test_traffic_is_encrypted_on_the_wire(secure: bool) -> None:
     mk = (lambda: Curve(keys.generate_keypair(), secret)) if secure else (lambda: None)
     a, b = _pair(mk(), mk())
     relay = attack.Relay(attack.hostport(b.addr))
+    data_relay = None
+    if b.sealed is not None:  # secure: tensor data goes to b's data socket; watch that wire too
+        data_relay = attack.Relay(("127.0.0.1", b.sealed.port))
+        b.sealed.port = int(data_relay.addr.rsplit(":", 1)[1])  # what b's DataAccept tells a
+        b.connect("a", a.addr)  # as members do: b answers a's key offer on its own authenticated link
     try:
         marker = b"PLAINTEXT-MARKER-" * 64
         a.connect("b", f"tcp://{relay.addr}")
@@ -59,10 +64,15 @@ def test_traffic_is_encrypted_on_the_wire(secure: bool) -> None:
         received = [e for e in got if isinstance(e, Received)]
         assert len(received) == 2, got  # control and data travel on separate connections: any order
         chunk = next(e for e in received if isinstance(e.msg, wire.Chunk))
-        assert bytes(chunk.payload.buffer) == marker
+        assert bytes(memoryview(chunk.payload)) == marker
         assert (marker[:32] in relay.c2s) is (not secure), "CURVE must hide the bytes; plain TCP shows them"
+        if data_relay is not None:
+            assert len(data_relay.c2s) > len(marker), "the tensor data went over the data socket"
+            assert marker[:32] not in data_relay.c2s, "sealed data frames must hide the bytes"
     finally:
         relay.close()
+        if data_relay is not None:
+            data_relay.close()
         a.close()
         b.close()
 
