@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "namespace with tbf-shaped links; loopback without root), optionally "
                                      "behind a delaying proxy; inject faults from a seed or a schedule; record "
                                      "a history and check the invariants on it (see peer/simulate.py).")
-    from peer.sim.report import add_args as add_simulate_args
+    from peer.sim.args import add_args as add_simulate_args
 
     add_simulate_args(sim)
 
@@ -322,7 +322,7 @@ def _dispatch(a: argparse.Namespace) -> int:
 
         return run_demo(a)
     if a.cmd == "simulate":
-        from peer.sim.report import run_cli
+        from peer.sim.cli import run_cli
 
         return run_cli(a)
     if a.cmd == "bench" and a.bench == "join":

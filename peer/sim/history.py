@@ -12,6 +12,7 @@ as a typed error (I5). Re-check a recorded run offline: ``python -m peer.sim.his
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -19,7 +20,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from peer.sim.workload import input_for
+from collectives import errors
+from peer.sim.inputs import input_for
 
 
 def _op_id(r: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
@@ -92,8 +94,6 @@ def check_records(records: Iterable[dict[str, Any]], elems: int | None = None,
 # ---------------------------------------------------------------------------------------------------------
 
 def _typed_error_names() -> set[str]:
-    from collectives import errors
-
     return {n for n, o in vars(errors).items() if isinstance(o, type) and issubclass(o, errors.SwarmError)}
 
 
@@ -238,8 +238,6 @@ def load_history(path: str) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m peer.sim.history RUN/history.jsonl``: re-check a recorded simulation offline."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m peer.sim.history", description=main.__doc__)
     ap.add_argument("history", help="history.jsonl written by swarmtrain simulate")
     a = ap.parse_args(argv)

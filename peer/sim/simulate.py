@@ -32,11 +32,12 @@ from typing import IO, Any, Callable, Iterator, Optional
 
 from collectives.errors import DeadlineExceeded, LocalError
 from peer.sim import faults as F
-from peer.sim.history import check_history, merge_ops
+from peer.sim.history import check_history, load_history, merge_ops
 from peer.sim.netns import Fabric, LinkSpec, NetnsError, parse_rate, probe
 from peer.sim.procs import LocalProcs, Proc
 from peer.sim.proxy import Impairment, Proxy
 from peer.sim.net import LoopbackNet, NetnsNet
+from peer.sim.report import build_report
 
 from peer.sim.config import SIM_ARGS, PeerState, SimConfig  # noqa: F401  (SIM_ARGS, SimConfig re-exported)
 
@@ -329,7 +330,7 @@ class Simulation:
                 how = "exited"
             else:
                 how = "crashed"
-            detail = {} if how != "crashed" else {"rc": rc, "log": _last_line(p.proc.stderr_path)}
+            detail: dict[str, Any] = {} if how != "crashed" else {"rc": rc, "log": _last_line(p.proc.stderr_path)}
             self._mark_down(p, how, **detail)
 
     # ------------------------------------------------------------------ main loop
@@ -455,16 +456,12 @@ class Simulation:
 
     # ------------------------------------------------------------------ results
     def report(self) -> dict[str, Any]:
-        from peer.sim.report import build_report
-
         attempts = self.lp.records() if self.lp is not None else []
         with open(self.hist_path, "a", encoding="utf-8") as h:
             for r in attempts:  # op attempts, and events such as "stale" / "rejoin_failed"
                 h.write(json.dumps({"type": "event" if "event" in r else "attempt", **r}) + "\n")
             for o in merge_ops(attempts):
                 h.write(json.dumps({"type": "op", **o}) + "\n")
-        from peer.sim.history import load_history
-
         history = load_history(str(self.hist_path))
         check = None if self.cfg.workload == "bench" else \
             check_history(history, elems=self.cfg.elems, max_reference_checks=self.cfg.reference_checks)

@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Optional
 
@@ -20,17 +19,12 @@ import numpy as np
 
 from collectives.errors import CoordinatorUnavailable, DeadlineExceeded, OpAborted, StaleError, TooFewPeers
 from collectives import ring
+from peer.sim.inputs import input_for, seed_for
 from peer.swarm import Swarm
 
+__all__ = ["AllReduceWorkload", "input_for", "run_allreduce", "seed_for"]
+
 log = logging.getLogger(__name__)
-
-
-def seed_for(peer_id: str, attempt: int) -> int:
-    return zlib.crc32(f"{peer_id}/{attempt}".encode())
-
-
-def input_for(seed: int, elems: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(elems).astype(np.float32)
 
 
 @dataclass

@@ -43,8 +43,8 @@ def weight_scale(w: float, total: np.float32) -> np.float32:
 
 def state_digest(theta: np.ndarray, mom: np.ndarray) -> bytes:
     h = hashlib.blake2b(digest_size=16)
-    h.update(memoryview(theta).cast("B"))
-    h.update(memoryview(mom).cast("B"))
+    h.update(np.ascontiguousarray(theta).data.cast("B"))
+    h.update(np.ascontiguousarray(mom).data.cast("B"))
     return h.digest()
 
 
