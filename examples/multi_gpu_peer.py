@@ -1,0 +1,205 @@
+"""One training peer that is a whole machine: K local processes (GPUs, or CPU processes with Gloo), DDP
+inside the machine, one swarm member (local rank 0) running DiLoCo's outer sync; snapshots and resume.
+
+On each machine (same swarm secret everywhere; ``swarmtrain keygen --secret swarm.secret`` makes one)::
+
+    torchrun --standalone --nproc-per-node 8 examples/multi_gpu_peer.py --bootstrap --port 7000 \\
+        --secret swarm.secret --snapshot-dir snaps --snapshot-every 10          # the first machine
+    torchrun --standalone --nproc-per-node 8 examples/multi_gpu_peer.py --join firsthost:7000 \\
+        --secret swarm.secret                                                   # the others
+    torchrun --standalone --nproc-per-node 8 examples/multi_gpu_peer.py --bootstrap --port 7000 \\
+        --secret swarm.secret --resume snaps                                    # after losing every peer
+
+``--model charlm`` (default) trains the byte-level LM of ``examples/charlm.py``; ``--model tiny`` is the
+4-6-2 MLP on synthetic data the tests use. Each local rank draws its own data (seeded by machine id, local
+rank and step). Rank 0 prints one JSON line per sync point (``--events``) and every rank prints a final
+``done`` line with digests of its parameters and outer state. docs/multi-gpu.md explains the design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import signal
+import sys
+import zlib
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from peer.config import PeerConfig, SecurityConfig, Timeouts
+from peer.swarm import Swarm
+from peer.train.diloco import DiLoCo, RoundRecord
+from peer.train.local_group import LocalDiLoCo, LocalGroup, close_on_error
+from peer.train.outer import flatten_params, load_params, state_digest
+from recovery.snapshot import open_snapshot
+from recovery.snapshot_writer import Snapshotter, load_outer, outer_specs
+
+log = logging.getLogger("multi_gpu_peer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--join", action="append", default=[], help="HOST:PORT of the coordinator or any peer")
+    ap.add_argument("--bootstrap", action="store_true", help="start a new swarm (rank 0 is the coordinator)")
+    ap.add_argument("--id", default=None, help="this machine's peer id (default: random)")
+    ap.add_argument("--host", default="127.0.0.1", help="address rank 0 binds (0.0.0.0 for other machines)")
+    ap.add_argument("--port", type=int, default=0, help="port rank 0 binds (0: any free port)")
+    ap.add_argument("--secret", default="", help="the swarm secret file (default $SWARMTRAIN_SECRET)")
+    ap.add_argument("--key", default="", help="rank 0's key file (default $SWARMTRAIN_KEY)")
+    ap.add_argument("--insecure", action="store_true", help="no encryption or authentication (trusted nets)")
+    ap.add_argument("--local-timeouts", action="store_true", help="fast swarm timeouts (one machine, tests)")
+    ap.add_argument("--group-timeout", type=float, default=1800.0,
+                    help="seconds before a collective of the machine's process group fails (default 1800; "
+                         "longer than the slowest outer sync)")
+    ap.add_argument("--model", choices=["charlm", "tiny"], default="charlm")
+    ap.add_argument("--seed", type=int, default=0, help="model init seed (the same on every machine)")
+    ap.add_argument("--machine", type=int, default=-1,
+                    help="this machine's data seed (default: derived from --id)")
+    ap.add_argument("--batch", type=int, default=16, help="samples per local rank per step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="inner AdamW learning rate")
+    ap.add_argument("--inner-steps", type=int, default=50)
+    ap.add_argument("--outer-steps", type=int, default=20, help="stop when the swarm's revision reaches this")
+    ap.add_argument("--outer-lr", type=float, default=0.7)
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument("--op-timeout", type=float, default=600.0)
+    ap.add_argument("--snapshot-dir", default="", help="rank 0 snapshots the outer state here")
+    ap.add_argument("--snapshot-every", type=int, default=1, help="a snapshot every K revisions")
+    ap.add_argument("--resume", default="", help="start from this snapshot (a snapshot dir or a root)")
+    ap.add_argument("--events", action="store_true", help="JSON lines on stdout")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--log-level", default="warning")
+    return ap
+
+
+def tiny_model(seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return m
+
+
+def tiny_batch(machine: int, rank: int, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1_000_000 * machine + 1000 * rank + step)
+    x = torch.randn(batch, 4, generator=g)
+    return x, torch.sin(x[:, :2] * (1 + machine))
+
+
+def tiny_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = ((model(x) - y) ** 2).mean()
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    torch.set_num_threads(a.threads)
+    group = LocalGroup.from_env(timeout=a.group_timeout)
+    pid = a.id or f"m-{zlib.crc32(str(a.port).encode() + str(a.join).encode()):08x}"
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
+                        format=f"%(asctime)s {pid}/{group.rank} %(levelname)s %(name)s: %(message)s")
+    machine = a.machine if a.machine >= 0 else zlib.crc32(pid.encode()) % 1000
+    if a.model == "tiny":
+        module = tiny_model(a.seed).to(group.device)
+    else:
+        from examples.charlm import CharLM, LMConfig, load_corpus
+        corpus, lm = load_corpus(), LMConfig()
+        torch.manual_seed(a.seed)
+        module = CharLM(lm).to(group.device)
+    ddp = DDP(module, device_ids=[group.device.index] if group.device.type == "cuda" else None)
+    inner = torch.optim.AdamW(module.parameters(), lr=a.lr)
+    gen = torch.Generator().manual_seed(1000 * machine + group.rank)
+
+    def emit(obj: dict[str, Any]) -> None:
+        if a.events:
+            print(json.dumps(obj), flush=True)
+
+    swarm = None
+    if group.is_leader:
+        cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, join=tuple(a.join), coordinator=a.bootstrap,
+                         timeouts=Timeouts.local() if a.local_timeouts else Timeouts(),
+                         security=SecurityConfig(secret_file=a.secret, key_file=a.key, insecure=a.insecure))
+        swarm = Swarm(cfg)
+        emit({"event": "listening", "id": swarm.id, "addr": swarm.addr})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # torchrun stops the others: leave cleanly
+    with close_on_error(group, swarm):
+        names = [n for n, _ in module.named_parameters()]
+        shapes = [tuple(p.shape) for p in module.parameters()]
+        snaps = Snapshotter(a.snapshot_dir, every=a.snapshot_every) if a.snapshot_dir and swarm else None
+
+        def on_round(rec: RoundRecord) -> None:
+            emit({"event": "round", "id": pid, "revision": rec.revision, "committed": rec.committed,
+                  "digest": rec.digest, "samples": rec.samples, "my_samples": rec.my_samples,
+                  "members": rec.members, "adopted": rec.adopted, "kind": rec.kind, "reason": rec.reason})
+            if snaps is not None and rec.committed and opt.opt is not None:
+                snaps.capture(opt.opt.revision, outer_specs(names, shapes, opt.opt.theta, opt.opt.mom),
+                              meta={"peer": pid})
+
+        kw: dict[str, Any] = {}
+        if swarm is not None:
+            kw = dict(outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, op_timeout=a.op_timeout,
+                      on_round=on_round)
+            if a.resume:
+                state = resume_state(a.resume, names, shapes)
+                kw["diloco_factory"] = lambda *args, **dkw: _resumed(state, *args, **dkw)
+        opt = LocalDiLoCo(module, inner, group, swarm, inner_steps=a.inner_steps, **kw)
+        step = 0
+        while opt.revision < a.outer_steps:
+            if a.model == "tiny":
+                x, y = tiny_batch(machine, group.rank, step, a.batch)
+                loss = tiny_loss(ddp, x.to(group.device), y.to(group.device))
+            else:
+                x, y = corpus.batch("train", a.batch, lm.block, gen)
+                logits = ddp(x.to(group.device))  # through the DDP wrapper: its hooks average the gradients
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         y.to(group.device).reshape(-1))
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step(samples=a.batch)
+            opt.zero_grad()
+            step += 1
+        opt.finish()
+        if snaps is not None:
+            snaps.close()
+        print(json.dumps({"event": "done", "id": pid, "rank": group.rank, "revision": opt.revision,
+                          "steps": step, "digest": opt.digest.hex(),
+                          "params": hashlib.sha256(flatten_params(list(module.parameters())).tobytes()).hexdigest(),
+                          "machine_samples": opt.machine_samples}), flush=True)
+    return 0
+
+
+def resume_state(path: str, names: list[str], shapes: list[tuple[int, ...]]
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    snap = open_snapshot(path)
+    snap.verify()  # a corrupt or truncated snapshot is refused here, naming the file
+    log.warning("resuming from %s (revision %d)", snap.path, snap.revision)
+    return load_outer(snap, names, shapes)
+
+
+def _resumed(state: tuple[np.ndarray, np.ndarray, int], *args: Any, **kw: Any) -> DiLoCo:
+    ResumedDiLoCo.resume_from = state
+    return ResumedDiLoCo(*args, **kw)
+
+
+class ResumedDiLoCo(DiLoCo):
+    """DiLoCo whose first state is a snapshot's: loaded before the entry sync, so the swarm's state sync
+    (highest legal revision wins) makes it the swarm's state unless a live state is newer. The integration
+    patch gives DiLoCo this as ``resume=``; until then, this subclass sets DiLoCo's public state."""
+
+    resume_from: tuple[np.ndarray, np.ndarray, int]
+
+    def _enter(self) -> None:
+        theta, mom, revision = self.resume_from
+        self.theta[...], self.mom[...] = theta, mom
+        self.revision, self.has_state = revision, True
+        self.digest = state_digest(self.theta, self.mom)
+        load_params(self.params, self.theta)
+        super()._enter()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
