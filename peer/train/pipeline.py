@@ -100,13 +100,15 @@ class Pipeline:
     are inferred (received tensors must match them exactly). ``stage``: ask to serve this stage.
     ``order(m)``: the stage order of micro-batch m (a permutation; identity by default; CheckFree+ swaps).
     ``max_grad_norm``: clip each stage's averaged gradient to this L2 norm. ``rebuild``: what restores a stage
-    that lost every replica (``recovery.rebuild.StageRebuild``); without it that raises ``StageLost``."""
+    that lost every replica (``recovery.rebuild.StageRebuild``); without it that raises ``StageLost``.
+    ``admit_every``: admit pending joiners at every this many committed steps (and whenever a stage lacks
+    a member with its state)."""
 
     def __init__(self, swarm: Swarm, stages: Sequence[torch.nn.Module], optimizer: OptimizerFactory, *,
                  micro_batches: int, example: tuple[torch.Tensor, torch.Tensor],
                  loss_fn: LossFn = default_loss, stage: Optional[int] = None, order: Optional[Order] = None,
                  max_grad_norm: Optional[float] = None, rebuild: Optional[StageRebuild] = None,
-                 op_timeout: float = 60.0, join_timeout: float = 120.0, attempts: int = 20,
+                 op_timeout: float = 60.0, join_timeout: float = 120.0, attempts: int = 20, admit_every: int = 1,
                  on_step: Optional[Callable[[StepRecord], None]] = None) -> None:
         if len(stages) < 1 or micro_batches < 1:
             raise LocalError("a pipeline needs at least one stage and one micro-batch")
@@ -119,6 +121,7 @@ class Pipeline:
         self.max_grad_norm, self.rule = max_grad_norm, rebuild
         self.op_timeout, self.join_timeout, self.attempts, self.on_step = op_timeout, join_timeout, attempts, on_step
         self.example = example
+        self.admit_every = max(1, admit_every)
         self._specs: dict[tuple[int, ...], list[Spec]] = {}
         self.target_spec = Spec(tuple(example[1].shape), example[1].dtype)
         for m in range(2):
@@ -302,19 +305,23 @@ class Pipeline:
     def _record(self) -> MemberRecord:
         return MemberRecord(self.stage, self.request, self.committed, 0)
 
-    def _boundary(self) -> tuple[StepPlan, list[dict[str, Any]]]:
+    def _boundary(self, admit: bool = True) -> tuple[StepPlan, list[dict[str, Any]]]:
+        """Gather, plan, recover. Pending joiners are admitted only at a training step's boundary
+        (``admit``; a joiner's first call is ``step``, which must meet the members' ``step``, never an
+        ``evaluate``), and there every ``admit_every`` committed steps, or at once when a stage needs a
+        member's state (a lost stage takes a pending joiner before any replica moves). The decision is
+        made from the gathered records and the op verdict's pending count: the same on every member."""
         sw = self.swarm
         while True:
-            if sw.peers_pending:
-                sw.update_topology(self.op_timeout)
             if len(sw.members) < max(2, self.S):
                 raise NotEnoughPeers(f"{len(sw.members)} members for {self.S} stages")
             words, members, epoch = sw.comm.all_gather_members(self._record().encode(), self.op_timeout)
-            if not sw.peers_pending:
-                break
-        records = {m: MemberRecord.decode(w, self.S) for m, w in zip(members, words)}
-        plan = make_plan(epoch, members, records, self.S)
-        return plan, self._recover(plan)
+            records = {m: MemberRecord.decode(w, self.S) for m, w in zip(members, words)}
+            plan = make_plan(epoch, members, records, self.S)
+            if admit and sw.peers_pending and (plan.fresh or plan.needy or plan.committed % self.admit_every == 0):
+                sw.update_topology(self.op_timeout)
+                continue
+            return plan, self._recover(plan)
 
     def _take_stage(self, s: int) -> None:
         """Serve stage ``s`` from now on: a fresh optimizer (its lazy state made now; zeros)."""
@@ -383,7 +390,7 @@ class Pipeline:
                 norms = self.norms if me in cp.sources else scratch.setdefault(j, np.full(rs.NORM_WORDS, np.nan))
                 rs.fetch_neighbour(comm, cp, self.stages[j], norms, self.op_timeout)
         if me not in receivers:
-            return "rebuild"
+            return "rebuild (elsewhere)"
         neighbours = {j: rs.neighbour_state(j, self.stages[j], scratch.get(j, self.norms), j == partner)
                       for j in wanted}
         res = rs.rebuild_from_neighbours(self.rule, s, self.S, self.stages[s], neighbours)
@@ -405,7 +412,7 @@ class Pipeline:
         """Collective, forward only: the mean loss over ``micro_batches`` micro-batches ``get_batch(-1, m)``,
         on every member; None when the attempt failed (a member was lost: call again after the next step)."""
         try:
-            plan, _ = self._boundary()
+            plan, _ = self._boundary(admit=False)
             comm = self.swarm.comm.pinned(plan.epoch)
             routes = route(plan, 0, micro_batches, self.order)
             module = self.stages[self.stage]

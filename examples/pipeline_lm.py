@@ -1,0 +1,248 @@
+"""One peer of a pipeline: the byte-level LM of ``examples.charlm`` split into stages, trained across the swarm.
+
+Stage 0 embeds (bytes and positions) and runs its blocks, the middle stages run blocks, the last stage runs its
+blocks and the output head. Every stage's blocks have the same parameter names (``blocks.<i>.*``), so a lost
+middle stage can be rebuilt from its neighbours (CheckFree, ``--rebuild checkfree``).
+
+    python -m examples.pipeline_lm --bootstrap --port 7000 --secret swarm.secret --stage 0
+    python -m examples.pipeline_lm --join host:7000 --secret swarm.secret [--stage k]
+
+Each peer prints one JSON event per line (``--events``) or a readable line per committed step. Training stops
+when the swarm's committed-step counter reaches ``--steps`` (the same moment on every peer).
+``examples/local_pipeline.py`` runs a swarm of these on one machine, with faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from examples.charlm import Block, Corpus, LMConfig, load_corpus
+from peer.cli import add_peer_args, join_list, peer_config_from_args, setup_logging
+from peer.swarm import Swarm, new_peer_id
+from peer.train.pipeline import Pipeline, StageLost, StepRecord
+from recovery.rebuild import StageRebuild
+
+log = logging.getLogger("pipeline_lm")
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+class LMStage(nn.Module):
+    """``blocks`` always; the embedding on the first stage, the final norm and head on the last."""
+
+    def __init__(self, c: LMConfig, blocks: int, first: bool, last: bool, depth: int) -> None:
+        super().__init__()
+        self.first, self.last = first, last
+        if first:
+            self.tok = nn.Embedding(c.vocab, c.width)
+            self.pos = nn.Parameter(torch.zeros(c.block, c.width))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(blocks))
+        if last:
+            self.ln_f = nn.LayerNorm(c.width)
+            self.head = nn.Linear(c.width, c.vocab, bias=False)
+        self.apply(_init)
+        for b in self.blocks:    # residual projections scaled down with the whole model's depth (GPT-2)
+            nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * depth))
+            nn.init.normal_(b.out.weight, std=0.02 / math.sqrt(2 * depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.tok(x) + self.pos[: x.shape[1]]          # (B, T) int64 -> (B, T, C)
+        for b in self.blocks:
+            x = b(x)
+        if self.last:
+            x = self.head(self.ln_f(x))                       # (B, T, V) logits
+        return x
+
+
+def make_stages(c: LMConfig, num_stages: int, blocks_per_stage: int, seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    depth = num_stages * blocks_per_stage
+    return [LMStage(c, blocks_per_stage, i == 0, i == num_stages - 1, depth) for i in range(num_stages)]
+
+
+def batches(corpus: Corpus, micro: int, block: int, seed: int) -> Any:
+    """``get_batch(step, m)``: micro-batch m of step ``step``, a function of its arguments (retries see the
+    same data). Step -1 is validation: fixed, evenly spaced windows."""
+    val_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get_batch(step: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step < 0:
+            if not val_cache:
+                x, y = corpus.val_windows(block, 16 * micro)
+                for i in range(16):
+                    val_cache[i] = (x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro])
+            return val_cache[m % 16]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + m)
+        return corpus.batch("train", micro, block, gen)
+    return get_batch
+
+
+def synthetic_corpus(n: int = 1 << 18, seed: int = 0) -> Corpus:
+    """A small deterministic byte corpus (tests: no stdlib reading): a random walk over printable bytes."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randint(-3, 4, (n,), generator=g)
+    data = (torch.cumsum(steps, 0) % 64 + 32).to(torch.uint8)
+    cut = n - n // 20
+    return Corpus(data[:cut].clone(), data[cut:].clone(), 1, 1)
+
+
+def rebuild_rule(name: str) -> Optional[StageRebuild]:
+    if name == "none":
+        return None
+    from recovery.checkfree import CheckFree
+    return CheckFree(norm="post" if name == "checkfree-post" else "pre")
+
+
+# ---------------------------------------------------------------------------------------------- the peer
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_peer_args(ap)
+    t = ap.add_argument_group("pipeline")
+    t.add_argument("--stage", type=int, default=None, help="ask to serve this stage")
+    t.add_argument("--steps", type=int, default=200, help="stop when the swarm has committed this many steps")
+    t.add_argument("--stages", type=int, default=4)
+    t.add_argument("--blocks-per-stage", type=int, default=1)
+    t.add_argument("--micro-batches", type=int, default=4, help="M: micro-batches per step")
+    t.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
+    t.add_argument("--width", type=int, default=64)
+    t.add_argument("--block", type=int, default=64, help="context length in bytes")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--rebuild", choices=["none", "checkfree", "checkfree-post"], default="checkfree",
+                   help="how a stage that lost every replica is restored (none: the run stops with StageLost)")
+    t.add_argument("--eval-every", type=int, default=10, help="validation loss every this many steps")
+    t.add_argument("--eval-batches", type=int, default=4, help="validation micro-batches")
+    t.add_argument("--wait-for", type=int, default=0, help="start once this many peers are in")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--data", choices=["stdlib", "synthetic"], default="stdlib",
+                   help="synthetic: a small generated corpus (tests)")
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--op-timeout", type=float, default=30.0)
+    t.add_argument("--admit-every", type=int, default=1, help="admit joiners every this many steps")
+    t.add_argument("--events", action="store_true", help="JSON events on stdout instead of readable lines")
+    t.add_argument("--hold", action="store_true", help="after loading, wait for a line on stdin before joining")
+    return ap
+
+
+class Output:
+    def __init__(self, pid: str, events: bool) -> None:
+        self.pid, self.events = pid, events
+
+    def event(self, e: dict[str, Any]) -> None:
+        e.setdefault("peer", self.pid)
+        e.setdefault("t", time.time())
+        if self.events:
+            print(json.dumps(e), flush=True)
+        else:
+            print(format_event(e), flush=True)
+
+
+def format_event(e: dict[str, Any]) -> str:
+    head = f"[{e['peer']}]"
+    kind = e["event"]
+    if kind == "step":
+        if not e["committed"]:
+            return f"{head} step {e['step']:>4} stage {e['stage']} ABORTED: {e['reason'][:120]}"
+        rec = "".join(f"  recovered stage {r['stage']} ({r['how']})" for r in e["recoveries"])
+        return (f"{head} step {e['step']:>4} stage {e['stage']} loss {e['loss']:.3f}  mb {e['micro_batches']}  "
+                f"{e['seconds']:.2f}s  members {e['members']}{rec}")
+    if kind == "eval":
+        return f"{head} step {e['step']:>4} val {e['val']:.3f}"
+    if kind == "done":
+        return f"{head} done: stage {e['stage']}, {e['steps']} steps, sent {e['bytes_sent'] / 1e6:.1f} MB"
+    return f"{head} {kind}: {json.dumps({k: v for k, v in e.items() if k not in ('peer', 'event')})}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    pid = a.id or new_peer_id()
+    setup_logging(a.log_level, pid)
+    torch.set_num_threads(a.threads)
+    if not join_list(a.join) and not a.bootstrap:
+        print("pipeline_lm: give --join HOST:PORT or --bootstrap", file=sys.stderr)
+        return 2
+    corpus = load_corpus() if a.data == "stdlib" else synthetic_corpus(seed=a.seed)
+    cfg = LMConfig(block=a.block, width=a.width)
+    stages = make_stages(cfg, a.stages, a.blocks_per_stage, a.seed)
+    get_batch = batches(corpus, a.micro_batch, a.block, a.seed)
+    out = Output(pid, a.events)
+    torch.optim.AdamW(stages[0].parameters())   # torch's lazy optimizer imports, before joining
+    if a.hold:
+        out.event({"event": "holding"})
+        if not sys.stdin.readline():
+            return 0  # the harness went away before releasing us
+    swarm = Swarm(peer_config_from_args(a, pid))
+    out.event({"event": "listening", "addr": swarm.addr,
+               "params": [sum(p.numel() for p in s.parameters()) for s in stages]})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        deadline = time.monotonic() + 60
+        while swarm.state not in ("pending", "member") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out.event({"event": "pending", "state": str(swarm.state)})
+        swarm.wait_admitted(timeout=600)
+        if a.wait_for:
+            swarm.wait_for_members(a.wait_for, timeout=600)
+
+        def on_step(r: StepRecord) -> None:
+            out.event({"event": "step", "step": r.step, "committed": r.committed, "stage": r.stage,
+                       "epoch": r.epoch, "members": len(r.members), "loss": r.loss, "reason": r.reason,
+                       "micro_batches": r.micro_batches, "recoveries": [_plain(x) for x in r.recoveries],
+                       "bad_peers": r.bad_peers, "seconds": r.seconds, "plan_s": r.plan_s,
+                       "compute_s": r.compute_s, "wait_s": r.wait_s, "reduce_s": r.reduce_s,
+                       "vote_s": r.vote_s, "bytes_sent": swarm.stats["bytes_sent"]})
+
+        pipe = Pipeline(swarm, stages, lambda ps: torch.optim.AdamW(ps, a.lr, betas=(0.9, 0.95),
+                                                                    weight_decay=0.0),
+                        micro_batches=a.micro_batches, example=get_batch(0, 0), stage=a.stage,
+                        max_grad_norm=a.max_grad_norm, rebuild=rebuild_rule(a.rebuild), op_timeout=a.op_timeout,
+                        join_timeout=600, admit_every=a.admit_every, on_step=on_step)
+        try:
+            if a.wait_for:   # the initial peers (a joiner's first call must be step, as the members')
+                v0 = pipe.evaluate(get_batch, a.eval_batches)
+                if v0 is not None:
+                    out.event({"event": "eval", "step": 0, "val": v0})
+            while pipe.committed < a.steps:
+                pipe.step(get_batch)
+                if pipe.committed % a.eval_every == 0 or pipe.committed >= a.steps:
+                    v = pipe.evaluate(get_batch, a.eval_batches)
+                    if v is not None:
+                        out.event({"event": "eval", "step": pipe.committed, "val": v})
+        except StageLost as exc:
+            out.event({"event": "stage_lost", "stage": exc.stage, "error": str(exc)})
+            return 3
+        st = swarm.stats
+        out.event({"event": "done", "stage": pipe.stage, "steps": pipe.committed, "digest": pipe.digest(),
+                   "aborted": pipe.steps_aborted, "bytes_sent": st["bytes_sent"],
+                   "bytes_received": st["bytes_received"],
+                   "recoveries": [_plain(x) for x in pipe.recoveries]})
+    finally:
+        swarm.close()
+    return 0
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, list, bool, type(None)))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
