@@ -48,6 +48,9 @@ class SealedLinks:
             self.router.setsockopt(zmq.IPV6, 1)
         self.router.bind(f"tcp://{bracket}:0")
         self.port = int(self.router.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        # a specific bound address is where others reach the data socket (network namespaces, a control
+        # address behind a proxy); a wildcard bind means "the host of my advertised address"
+        self.host = "" if host in ("0.0.0.0", "::", "*", "") else bracket
         poller.register(self.router, zmq.POLLIN)
         self.sealers: dict[str, aead.Sealer] = {}
         self.openers: dict[str, collections.OrderedDict[int, aead.Opener]] = {}
@@ -76,7 +79,7 @@ class SealedLinks:
         while len(keys) > MAX_KEYS_PER_PEER:
             keys.popitem(last=False)
         self.stats["keys_accepted"] += 1
-        return wire.DataAccept(msg.key_id, public, self.port)
+        return wire.DataAccept(msg.key_id, public, self.host, self.port)
 
     def on_accept(self, peer: str, msg: wire.DataAccept, host: str) -> None:
         """``peer`` answered our offer: seal with the new key, (re)connect to its data socket, send what
@@ -86,7 +89,7 @@ class SealedLinks:
             raise AuthError(f"DataAccept for key {msg.key_id}, which we did not offer")
         del self.pending[peer]
         self.sealers[peer] = aead.finish_offer(self.my_id, peer, pending, msg.public, aead.CIPHER)
-        endpoint = f"{host}:{msg.port}"
+        endpoint = f"tcp://{msg.host}:{msg.port}" if msg.host else f"{host}:{msg.port}"
         if self.endpoint.get(peer) != endpoint:
             self._close_streams(peer)
             self.endpoint[peer] = endpoint

@@ -455,11 +455,14 @@ class DataAccept(Message):
     TAG = 32
     key_id: int
     public: bytes
+    host: str  # where the data socket listens ("": the host of the answerer's address)
     port: int
 
     def validate(self) -> None:
         if not 0 <= self.key_id < 2**32 or len(self.public) != 32 or not 0 < self.port < 65536:
             raise WireError("DataAccept: bad key id, key or port")
+        if self.host:
+            check_addr(f"tcp://{self.host}:1")
 
 
 @register

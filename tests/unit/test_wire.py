@@ -66,6 +66,8 @@ def sample_value(cls: type, name: str, typ: Any, variant: int = 0) -> Any:
     if typ is str:
         if name in PEER_FIELDS:
             return "peer-1" if variant == 0 else "x" * 64
+        if cls is wire.DataAccept and name == "host":
+            return "127.0.0.1" if variant == 0 else ""
         if name in ADDR_FIELDS:
             return "tcp://127.0.0.1:5555" if variant == 0 else "tcp://[fe80::1]:1"
         if name in GROUP_FIELDS:
