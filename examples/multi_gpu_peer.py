@@ -119,6 +119,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.events:
             print(json.dumps(obj), flush=True)
 
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [tuple(p.shape) for p in module.parameters()]
+    # every rank checks the snapshot before joining: a corrupt one stops the whole peer here, naming the file
+    resumed = resume_state(a.resume, names, shapes) if a.resume else None
     swarm = None
     if group.is_leader:
         cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, join=tuple(a.join), coordinator=a.bootstrap,
@@ -128,8 +132,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         emit({"event": "listening", "id": swarm.id, "addr": swarm.addr})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # torchrun stops the others: leave cleanly
     with close_on_error(group, swarm):
-        names = [n for n, _ in module.named_parameters()]
-        shapes = [tuple(p.shape) for p in module.parameters()]
         snaps = Snapshotter(a.snapshot_dir, every=a.snapshot_every) if a.snapshot_dir and swarm else None
 
         def on_round(rec: RoundRecord) -> None:
@@ -144,9 +146,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if swarm is not None:
             kw = dict(outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, op_timeout=a.op_timeout,
                       on_round=on_round)
-            if a.resume:
-                state = resume_state(a.resume, names, shapes)
-                kw["diloco_factory"] = lambda *args, **dkw: _resumed(state, *args, **dkw)
+            if resumed is not None:
+                state = resumed
+                kw["diloco_factory"] = lambda *args, **dkw: ResumedDiLoCo(state, *args, **dkw)
         opt = LocalDiLoCo(module, inner, group, swarm, inner_steps=a.inner_steps, **kw)
         step = 0
         while opt.revision < a.outer_steps:
@@ -180,17 +182,14 @@ def resume_state(path: str, names: list[str], shapes: list[tuple[int, ...]]
     return load_outer(snap, names, shapes)
 
 
-def _resumed(state: tuple[np.ndarray, np.ndarray, int], *args: Any, **kw: Any) -> DiLoCo:
-    ResumedDiLoCo.resume_from = state
-    return ResumedDiLoCo(*args, **kw)
-
-
 class ResumedDiLoCo(DiLoCo):
     """DiLoCo whose first state is a snapshot's: loaded before the entry sync, so the swarm's state sync
     (highest legal revision wins) makes it the swarm's state unless a live state is newer. The integration
     patch gives DiLoCo this as ``resume=``; until then, this subclass sets DiLoCo's public state."""
 
-    resume_from: tuple[np.ndarray, np.ndarray, int]
+    def __init__(self, state: tuple[np.ndarray, np.ndarray, int], *args: Any, **kw: Any) -> None:
+        self.resume_from = state
+        super().__init__(*args, **kw)
 
     def _enter(self) -> None:
         theta, mom, revision = self.resume_from
