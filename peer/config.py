@@ -116,6 +116,11 @@ class Timeouts:
         return max(1.0, 4 * self.heartbeat_interval)
 
     @property
+    def new_epoch_wait(self) -> float:
+        """After an op aborted because a member was lost, the epoch without it comes within this."""
+        return 2 * self.heartbeat_timeout
+
+    @property
     def candidate_timeout(self) -> float:
         """A successor candidate that has not re-formed the swarm within this is skipped."""
         return self.reform_window + self.coordinator_timeout

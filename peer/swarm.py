@@ -315,7 +315,7 @@ def with_retry(swarm: Swarm, fn: Callable[[], T], attempts: int = 5, epoch_wait:
             last = exc
             if swarm.epoch == epoch:
                 try:
-                    swarm.wait_epoch_change(epoch, min(epoch_wait, 2 * swarm.config.timeouts.heartbeat_timeout))
+                    swarm.wait_epoch_change(epoch, min(epoch_wait, swarm.config.timeouts.new_epoch_wait))
                 except DeadlineExceeded:
                     pass  # same members (e.g. an op timed out): retry on the same epoch
     assert last is not None

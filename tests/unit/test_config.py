@@ -75,6 +75,7 @@ def test_derived_deadlines() -> None:
     t = Timeouts.local()
     assert t.ack_fresh == pytest.approx(2 * t.heartbeat_interval + t.ack_slack)
     assert t.candidate_timeout == t.reform_window + t.coordinator_timeout
+    assert t.new_epoch_wait == 2 * t.heartbeat_timeout
     assert t.join_retry == 1.0 and Timeouts.local(heartbeat_interval=0.5, heartbeat_timeout=3,
                                                   coordinator_timeout=3).join_retry == 2.0
     assert {f.name for f in dataclasses.fields(Timeouts)} >= {"resend_interval", "ack_slack"}
