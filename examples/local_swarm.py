@@ -1,9 +1,11 @@
 """The main job: a coordinator and 4 local peers train a byte-level transformer LM on the Python stdlib with
-DiLoCo, while one peer is killed (SIGKILL) and a new one joins partway. Ends with a table and a PNG plot.
+DiLoCo, while one peer is killed (SIGKILL) and a new one joins partway. Ends with a table and a PNG plot
+(matplotlib: losses and members per sync over time, the faults marked).
 
     python -m examples.local_swarm                        # ~3 minutes on 2 CPU cores
     python -m examples.local_swarm --outer-steps 40       # shorter
     python -m examples.local_swarm --workdir runs/swarm   # keep logs, events, the plot
+    python -m examples.local_swarm --workdir runs/swarm --plot-only   # draw that run's plot again
 
 Every process it starts is killed and reaped when it ends, also on errors or Ctrl-C.
 """
@@ -32,6 +34,9 @@ FAST = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--coordinato
 class TrainProcs(LocalProcs):
     """LocalProcs that can also start ``examples.train_swarm`` peers (same env, security and clean-up).
     They start without waiting: each loads torch and the corpus (seconds) in parallel with the others."""
+
+    def __enter__(self) -> "TrainProcs":
+        return self
 
     def trainer(self, name: str, join: list[str], extra: list[str], hold: bool = False) -> Proc:
         args = ["--id", name, "--join", ",".join(join), "--events", *self.security_args(name), *extra]
@@ -107,6 +112,11 @@ class Events:
         elif e.get("event") == "listening":
             self.say(f"[{proc.name}] up on {e['addr']} (model: {e['params']} parameters)")
 
+    def note(self, record: dict[str, Any]) -> None:
+        """Log a record of the harness (a fault it injected) next to the trainers' events, for ``--plot-only``."""
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+
     def close(self) -> None:
         self.sel.close()
         self.log.close()
@@ -139,16 +149,19 @@ def run(a: argparse.Namespace) -> int:
         while len(ev.done) < a.peers + 1 - (1 if killed else 0):
             ev.poll(0.2)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the swarm did not finish within {a.timeout:.0f}s (logs in {workdir})")
+                raise TimeoutError(f"the swarm did not finish within {a.timeout:.0f}s (logs in {workdir}; "
+                                   f"--workdir {workdir} --plot-only draws what happened)")
             if not killed and ev.revision >= kill_at:
                 lp.kill(victim)
                 killed = True
                 faults.append({"wall": time.time(), "kind": "kill", "who": victim, "revision": ev.revision})
+                ev.note({"event": "fault", **faults[-1]})
                 ev.say(f"*** killed {victim} (SIGKILL) at outer step {ev.revision}: the others notice at their "
                        f"next sync, average without it, and carry on")
             if not joined and ev.revision >= join_at:
                 joined = True
                 faults.append({"wall": time.time(), "kind": "join", "who": joiner, "revision": ev.revision})
+                ev.note({"event": "fault", **faults[-1]})
                 ev.say(f"*** {joiner} joins: admitted at the next sync, it takes the outer state from the peers")
                 lp.release(joiner)
             for name in ev.eof - set(ev.done) - {victim}:
@@ -160,7 +173,7 @@ def run(a: argparse.Namespace) -> int:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     print_table(summary)
     plot_path = workdir / "validation_loss.png"
-    plot(ev, faults, plot_path)
+    plot(ev.all, faults, plot_path, subtitle=describe(a))
     print(f"\nplot: {plot_path}\nlogs and events: {workdir}")
     return 0 if summary["parity"] else 1
 
@@ -218,18 +231,99 @@ def print_table(s: dict[str, Any]) -> None:
     print(f"       parity: {'OK, every finishing peer holds the same outer weights (digest ' + str(s['final_digest'])[:16] + ')' if s['parity'] else 'VIOLATED ' + str(s['final_digest'])}")
 
 
-def plot(ev: Events, faults: list[dict[str, Any]], path: Path) -> None:
-    from examples.pngplot import Mark, Series, line_plot
-    rounds = [e for e in ev.all if e.get("event") == "round" and e.get("val") is not None]
-    if not rounds:
-        return
-    start = min(e["wall"] for e in ev.all)
-    pts = sorted({e["revision"]: (e["wall"] - start, e["val"]) for e in rounds}.values())
-    marks = [Mark(f["wall"] - start, f"{f['kind']} {f['who']}", (200, 0, 0) if f["kind"] == "kill" else (0, 120, 0))
-             for f in faults]
-    line_plot(path, [Series("validation loss of the outer weights", [p[0] for p in pts], [p[1] for p in pts])],
-              title="DiLoCo swarm on the Python stdlib: validation loss", xlabel="seconds",
-              ylabel="val loss (nats/byte)", marks=marks)
+def describe(a: argparse.Namespace) -> str:
+    """The run's settings, one line (the plot's subtitle)."""
+    mode = f"{a.mode}, {a.fragments} fragments" if a.mode == "streaming" else a.mode
+    return (f"{a.peers} peers, H = {a.inner_steps} inner steps per outer step ({mode}), {a.outer_steps} outer "
+            f"steps, codec {a.codec}")
+
+
+PEER_COLORS = ["C0", "C1", "C4", "C5", "C6", "C7", "C8", "C9"]  # no red or green: those mark kills and joins
+
+
+def plot(events: list[dict[str, Any]], faults: list[dict[str, Any]], path: Path, subtitle: str = "") -> bool:
+    """Draw the run from its event records (``events.jsonl``) into a PNG: losses over time (top, outer steps
+    on the upper axis), members per sync (bottom), faults as vertical lines. Returns False (and draws nothing)
+    when no sync was evaluated."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = [e for e in events if e.get("event") == "round"]
+    vals = sorted({e["revision"]: (e["wall"], e["val"]) for e in rounds if e.get("val") is not None}.items())
+    if not vals:
+        return False
+    start = min(e["wall"] for e in events)
+    fig = Figure(figsize=(10, 6.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, ax_m = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    peers = list(dict.fromkeys(e["peer"] for e in rounds))
+    colors = {p: PEER_COLORS[i % len(PEER_COLORS)] for i, p in enumerate(peers)}
+    for p in peers:  # each peer's mean training loss over the inner steps since its last sync
+        mine = [e for e in rounds if e["peer"] == p and e["committed"] and e["kind"] != "entry"]
+        ax.plot([e["wall"] - start for e in mine], [e["loss"] for e in mine], color=colors[p], linewidth=0.8,
+                alpha=0.7, label=f"training loss, {p} (mean since its last sync)")
+    ax.plot([w - start for _, (w, _) in vals], [v for _, (_, v) in vals], color="black", linewidth=2,
+            label="validation loss of the outer weights")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.grid(color="#e6e6e6")
+    ax.legend(loc="upper right", fontsize=8)
+    # members per sync, as each peer saw it: committed (dot), its entry into the swarm (triangle), failed (x)
+    for p in peers:
+        mine = [e for e in rounds if e["peer"] == p]
+        ok = [e for e in mine if e["kind"] != "entry" and e["committed"]]
+        entry = [e for e in mine if e["kind"] == "entry"]
+        bad = [e for e in mine if e["kind"] != "entry" and not e["committed"]]
+        ax_m.plot([e["wall"] - start for e in ok], [e["members"] for e in ok], ".", color=colors[p],
+                  markersize=4)
+        ax_m.plot([e["wall"] - start for e in entry], [e["members"] for e in entry], "^", color=colors[p],
+                  markersize=6)
+        ax_m.plot([e["wall"] - start for e in bad], [e["members"] for e in bad], "x", color="#c81e1e",
+                  markersize=8)
+    ax_m.plot([], [], "^", color="#555555", linestyle="none", label="a peer's entry (first sync)")
+    if any(not e["committed"] and e["kind"] != "entry" for e in rounds):
+        ax_m.plot([], [], "x", color="#c81e1e", linestyle="none", label="sync not committed")
+    most = max((e["members"] for e in rounds), default=1)
+    ax_m.set_ylim(0, most + 1)
+    ax_m.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_m.set_ylabel("members\nper sync")
+    ax_m.set_xlabel("seconds since the first peer started")
+    ax_m.grid(color="#e6e6e6")
+    ax_m.legend(loc="lower right", fontsize=7.5, ncol=2)
+    for f in faults:
+        t = f["wall"] - start
+        color = "#c81e1e" if f["kind"] == "kill" else "#1f8a3a"
+        for a in (ax, ax_m):
+            a.axvline(t, color=color, linestyle="--", linewidth=1.2)
+        what = f"{f['who']} killed (SIGKILL)" if f["kind"] == "kill" else f"{f['who']} joins"
+        ax.annotate(f"{what}\nat outer step {f['revision']}", (t, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(4, -4), textcoords="offset points", va="top", fontsize=9, color=color)
+    # outer steps on the top axis, ticked at the times they were reached (and nowhere they were not)
+    every = max(1, round(vals[-1][0] / 8 / 5) * 5) if vals[-1][0] > 10 else 1
+    marks = [(w - start, r) for r, (w, _) in vals if r % every == 0]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([t for t, _ in marks], labels=[str(r) for _, r in marks])
+    top.set_xlabel("outer step (committed syncs)")
+    what = ", ".join(f"{f['who']} {'killed' if f['kind'] == 'kill' else 'joins'} at outer step {f['revision']}"
+                     for f in faults)
+    fig.suptitle("DiLoCo swarm on the Python stdlib" + (f": {what}" if what else "")
+                 + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
+    fig.savefig(path, format="png")
+    return True
+
+
+def replot(workdir: Path) -> int:
+    """``--plot-only``: draw the plot again from ``WORKDIR/events.jsonl`` (its fault records included)."""
+    records = [json.loads(line) for line in (workdir / "events.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    faults = [r for r in records if r.get("event") == "fault"]
+    events = [r for r in records if r.get("event") != "fault"]
+    path = workdir / "validation_loss.png"
+    if not plot(events, faults, path):
+        print(f"no evaluated sync in {workdir / 'events.jsonl'}: nothing to plot", file=sys.stderr)
+        return 1
+    print(f"plot: {path}")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -245,7 +339,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--join-at", type=float, default=0.5, help="start a new peer at this fraction")
     ap.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
     ap.add_argument("--workdir", default=None, help="keep logs, events and the plot here (default: a temp dir)")
-    return run(ap.parse_args(argv))
+    ap.add_argument("--plot-only", action="store_true",
+                    help="train nothing: draw the plot again from WORKDIR/events.jsonl of an earlier run")
+    a = ap.parse_args(argv)
+    if a.plot_only:
+        if not a.workdir:
+            ap.error("--plot-only needs --workdir (the earlier run's directory)")
+        return replot(Path(a.workdir))
+    return run(a)
 
 
 if __name__ == "__main__":

@@ -132,12 +132,11 @@ def test_misuse_and_lr_scheduler(inproc: InProcess) -> None:
     assert out[0] == pytest.approx([LR, LR / 2, LR / 2, LR / 4, LR / 4, LR / 8])
 
 
-def test_example_corpus_split_is_by_file_and_the_png_writer_writes_a_valid_png(tmp_path: Any) -> None:
-    import struct
-    import zlib
+def test_example_corpus_split_is_by_file_and_the_main_jobs_plot_draws_its_events(tmp_path: Any) -> None:
+    from matplotlib.image import imread
 
     from examples.charlm import CharLM, LMConfig, is_validation, load_corpus, stdlib_files
-    from examples.pngplot import Mark, Series, line_plot
+    from examples.local_swarm import plot
 
     files = stdlib_files()
     assert files and all("/test/" not in f.as_posix() for f in files)
@@ -147,12 +146,20 @@ def test_example_corpus_split_is_by_file_and_the_png_writer_writes_a_valid_png(t
     x, y = corpus.batch("train", 2, 16, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
     assert CharLM(LMConfig(block=16)).loss(x, y).item() == pytest.approx(np.log(256), rel=0.05)
+    # the main job's plot, from event records like the trainers print (examples/train_swarm.py --events)
+    events: list[dict[str, Any]] = [{"event": "listening", "peer": p, "wall": 100.0} for p in ("a", "b")]
+    for r in range(1, 9):
+        for p in ("a", "b"):
+            events.append({"event": "round", "peer": p, "wall": 100.0 + r, "kind": "outer", "revision": r,
+                           "committed": r != 5, "members": 2, "loss": 3.0 - 0.1 * r,
+                           "val": 3.1 - 0.1 * r if p == "a" and r != 5 else None})
+    faults = [{"wall": 104.5, "kind": "kill", "who": "c", "revision": 4}]
     path = tmp_path / "p.png"
-    line_plot(path, [Series("a", [0, 1, 2], [3.0, 2.0, 1.5])], title="t", marks=[Mark(1, "kill")],
-              width=120, height=80)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    w, h = struct.unpack(">II", data[16:24])
-    idat = data.index(b"IDAT")
-    (n,) = struct.unpack(">I", data[idat - 4:idat])
-    assert (w, h) == (120, 80) and len(zlib.decompress(data[idat + 4:idat + 4 + n])) == h * (1 + 3 * w)
+    assert plot(events, faults, path, subtitle="2 peers")
+    img = imread(path)[..., :3]
+    assert img.shape[:2] == (660, 1000)
+    assert (img.max(axis=-1) < 0.05).mean() > 0.002                      # the black validation-loss line
+    red = (img[..., 0] > 0.7) & (img[..., 1] < 0.2) & (img[..., 2] < 0.2)
+    assert red.sum() > 60                                                # the kill mark and the failed sync
+    assert not plot([e for e in events if e.get("val") is None], faults, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
