@@ -38,7 +38,8 @@ class Fp16(Codec):
     wire_dtype = "float16"
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        return np.clip(x, -65504.0, 65504.0).astype(np.float16)
+        out: np.ndarray = np.clip(x, -65504.0, 65504.0).astype(np.float16)
+        return out
 
     def decode(self, payload: np.ndarray, n: int) -> np.ndarray:
         return payload.astype(np.float32)
@@ -82,7 +83,8 @@ class Int8(Codec):
     def decode(self, payload: np.ndarray, n: int) -> np.ndarray:
         lo = np.frombuffer(payload[:4].tobytes(), np.float32)[0]
         scale = np.frombuffer(payload[4:8].tobytes(), np.float32)[0]
-        return (payload[8:].astype(np.float32) * scale + lo).astype(np.float32)
+        out: np.ndarray = (payload[8:].astype(np.float32) * scale + lo).astype(np.float32)
+        return out
 
 
 CODECS: dict[str, Codec] = {"fp16": Fp16(), "bf16": Bf16(), "int8": Int8()}
@@ -92,6 +94,6 @@ def get(name: str | None) -> Codec | None:
     if name in (None, "none"):
         return None
     try:
-        return CODECS[name]  # type: ignore[index]
+        return CODECS[str(name)]
     except KeyError:
         raise LocalError(f"unknown codec {name!r}; choose none, {', '.join(CODECS)}") from None

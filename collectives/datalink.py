@@ -27,10 +27,11 @@ from collectives.errors import AuthError, RemoteError, WireError
 
 log = logging.getLogger(__name__)
 MAX_KEYS_PER_PEER = 2  # the current key and the one before (frames sealed under it may still be in flight)
+MAX_SENDERS = 4096     # senders whose keys we keep (the least recently keyed are forgotten beyond this)
 
 
 class SealedLinks:
-    def __init__(self, ctx: zmq.Context, poller: zmq.Poller, my_id: str, host: str, *, max_frame_bytes: int,
+    def __init__(self, ctx: "zmq.Context[Any]", poller: zmq.Poller, my_id: str, host: str, *, max_frame_bytes: int,
                  rcv_hwm: int, handshake_ms: int, streams: int, max_batch: int) -> None:
         self.ctx, self.poller, self.my_id = ctx, poller, my_id
         self.streams_per_peer = max(1, streams)
@@ -53,14 +54,16 @@ class SealedLinks:
         self.host = "" if host in ("0.0.0.0", "::", "*", "") else bracket
         poller.register(self.router, zmq.POLLIN)
         self.sealers: dict[str, aead.Sealer] = {}
-        self.openers: dict[str, collections.OrderedDict[int, aead.Opener]] = {}
+        self.openers: collections.OrderedDict[str, collections.OrderedDict[int, aead.Opener]] = \
+            collections.OrderedDict()
         self.pending: dict[str, aead.Pending] = {}
         self.queued: dict[str, collections.deque[tuple[bytes, Any]]] = {}
-        self.socks: dict[str, list[zmq.Socket]] = {}
+        self.socks: dict[str, list[zmq.Socket[Any]]] = {}
         self.endpoint: dict[str, str] = {}
-        self.monitors: dict[zmq.Socket, str] = {}
+        self.monitors: dict[zmq.Socket[Any], str] = {}
         self.turn: dict[str, int] = {}
-        self.owed: dict[str, wire.DataAccept] = {}  # answers to peers we have no link to yet
+        self.owed: collections.OrderedDict[str, wire.DataAccept] = collections.OrderedDict()  # to peers we
+        # have no link to yet: sent when we open one (bounded like the keys)
         self._key_id = secrets.randbelow(2**31)
         self.stats: collections.Counter[str] = collections.Counter()
 
@@ -74,12 +77,21 @@ class SealedLinks:
 
     def on_offer(self, peer: str, msg: wire.DataOffer) -> wire.DataAccept:
         opener, public = aead.accept_offer(self.my_id, peer, msg.key_id, msg.public, msg.cipher)
-        keys = self.openers.setdefault(peer, collections.OrderedDict())
+        keys = self.openers.pop(peer, None) or collections.OrderedDict()
+        self.openers[peer] = keys  # most recently keyed last
         keys[msg.key_id] = opener
+        while len(self.openers) > MAX_SENDERS:
+            self.openers.popitem(last=False)
         while len(keys) > MAX_KEYS_PER_PEER:
             keys.popitem(last=False)
         self.stats["keys_accepted"] += 1
         return wire.DataAccept(msg.key_id, public, self.host, self.port)
+
+    def owe(self, peer: str, reply: wire.DataAccept) -> None:
+        self.owed.pop(peer, None)
+        self.owed[peer] = reply
+        while len(self.owed) > MAX_SENDERS:
+            self.owed.popitem(last=False)
 
     def on_accept(self, peer: str, msg: wire.DataAccept, host: str) -> None:
         """``peer`` answered our offer: seal with the new key, (re)connect to its data socket, send what
@@ -98,8 +110,8 @@ class SealedLinks:
         while queue:
             self.send(peer, *queue.popleft())
 
-    def _stream(self, peer: str, endpoint: str) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
+    def _stream(self, peer: str, endpoint: str) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"{self.my_id}/{secrets.token_hex(4)}".encode())
         sock.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_ms)
@@ -123,7 +135,7 @@ class SealedLinks:
         turn = (self.turn.get(peer, 0) + 1) % len(socks)
         self.turn[peer] = turn
         prefix, sealed_header, sealed = sealer.seal(turn, header, payload)
-        socks[turn].send_multipart([prefix, sealed_header, sealed], copy=False)
+        socks[turn].send_multipart([prefix, sealed_header, sealed.data], copy=False)
 
     def drain(self) -> Iterator[tuple[str, Optional[wire.Message], Any, Optional[RemoteError]]]:
         """(sender, message, payload, None) per authentic frame; (sender or "", None, None, error) else."""
@@ -162,7 +174,7 @@ class SealedLinks:
         self.stats["opened"] += 1
         return sender, msg, payload, None
 
-    def lost(self, monitor: zmq.Socket) -> Iterator[str]:
+    def lost(self, monitor: zmq.Socket[Any]) -> Iterator[str]:
         """Peers whose data stream dropped (what was in flight on it is gone)."""
         from zmq.utils.monitor import recv_monitor_message
 
@@ -189,12 +201,12 @@ class SealedLinks:
         self.endpoint.pop(peer, None)
 
     def drop(self, peer: str) -> None:
-        """Forget ``peer``'s keys and streams."""
+        """Forget our sending side to ``peer`` (its key, streams, queued frames). Its keys for frames *to us*
+        stay: the sender decides when to re-key (on its next new control link), and a member we dropped
+        (evicted, then admitted again) may keep sending under the key it has."""
         self.sealers.pop(peer, None)
-        self.openers.pop(peer, None)
         self.pending.pop(peer, None)
         self.queued.pop(peer, None)
-        self.owed.pop(peer, None)
         self._close_streams(peer)
 
     def close(self) -> None:

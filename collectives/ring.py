@@ -83,7 +83,7 @@ class RingOp:
         self.allocated: list[np.ndarray] = []
 
     def _scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
-        buf = self.alloc(n, dtype)
+        buf: np.ndarray = self.alloc(n, dtype)
         self.allocated.append(buf)
         return buf
 

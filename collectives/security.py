@@ -74,10 +74,10 @@ class Security:
 
     handshakes = False  # True when a link is only "up" after a successful security handshake
 
-    def configure_server(self, sock: zmq.Socket) -> None:
+    def configure_server(self, sock: zmq.Socket[Any]) -> None:
         raise NotImplementedError
 
-    def configure_client(self, sock: zmq.Socket, peer: str) -> None:
+    def configure_client(self, sock: zmq.Socket[Any], peer: str) -> None:
         raise NotImplementedError
 
     def hello(self) -> Optional[wire.Hello]:
@@ -104,10 +104,10 @@ class Security:
 class Insecure(Security):
     """No encryption, no authentication: anyone who can reach the port can talk (trusted networks only)."""
 
-    def configure_server(self, sock: zmq.Socket) -> None:
+    def configure_server(self, sock: zmq.Socket[Any]) -> None:
         return None
 
-    def configure_client(self, sock: zmq.Socket, peer: str) -> None:
+    def configure_client(self, sock: zmq.Socket[Any], peer: str) -> None:
         return None
 
     def check_sender(self, header_frame: Any, claimed: str) -> str:
@@ -168,13 +168,13 @@ class Curve(Security):
         self.stats: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ sockets
-    def configure_server(self, sock: zmq.Socket) -> None:
+    def configure_server(self, sock: zmq.Socket[Any]) -> None:
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self._server.secret)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self._server.public)
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
 
-    def configure_client(self, sock: zmq.Socket, peer: str) -> None:
+    def configure_client(self, sock: zmq.Socket[Any], peer: str) -> None:
         sock.setsockopt(zmq.CURVE_SERVERKEY, self._server.public)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.me.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.me.secret)

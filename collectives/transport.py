@@ -48,7 +48,7 @@ PROBE_TIMEOUT_S = 1.0  # a refused-probe that gets no answer by then proves noth
 _MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
                    | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-_HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused by the peer",
+_HANDSHAKE_FAILURES: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused by the peer",
                        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error",
                        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail"}
 _MAX_HELLO_BYTES = 256  # a key on probation may send nothing bigger (a Hello is ~40 bytes)
@@ -91,13 +91,13 @@ Event = Union[Received, Bad, LinkEvent]
 @dataclass
 class _Link:
     addr: str
-    sock: zmq.Socket          # control messages only (ordered among themselves)
-    monitor: zmq.Socket
+    sock: zmq.Socket[Any]          # control messages only (ordered among themselves)
+    monitor: zmq.Socket[Any]
     up: bool = False
     handshakes: int = 0
     failures: int = 0
-    data: list[zmq.Socket] = field(default_factory=list)  # tensor data streams (>= 1), used round-robin
-    data_monitors: list[zmq.Socket] = field(default_factory=list)  # their disconnects: data may be lost
+    data: list[zmq.Socket[Any]] = field(default_factory=list)  # tensor data streams (>= 1), used round-robin
+    data_monitors: list[zmq.Socket[Any]] = field(default_factory=list)  # their disconnects: data may be lost
     turn: int = 0
 
 
@@ -118,7 +118,7 @@ class Transport:
         self.security = security or Insecure()
         require_libzmq(curve=self.security.handshakes)
         self.ctx = zmq.Context(io_threads=self.limits.io_threads)
-        self.zap: Optional[zmq.Socket] = None
+        self.zap: Optional[zmq.Socket[Any]] = None
         if self.security.handshakes:
             # The ZAP handler must exist before any handshake: without it CURVE accepts every client key.
             self.zap = self.ctx.socket(zmq.REP)
@@ -135,7 +135,7 @@ class Transport:
         if ":" in host:
             self.router.setsockopt(zmq.IPV6, 1)
         self.router.bind(f"tcp://{bracket}:{port}")
-        endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        endpoint = bytes(self.router.getsockopt(zmq.LAST_ENDPOINT)).decode()
         self.addr = wire.check_addr(endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -147,7 +147,7 @@ class Transport:
         self._listen_ports = {int(endpoint.rsplit(":", 1)[1])}
         # Secure mode: tensor data on a data socket of its own, every frame sealed (collectives.datalink).
         self.sealed: Optional[SealedLinks] = None
-        self._data_accepts: Optional[zmq.Socket] = None
+        self._data_accepts: Optional[zmq.Socket[Any]] = None
         if self.security.handshakes:
             lim = self.limits
             self.sealed = SealedLinks(self.ctx, self.poller, self.my_id, host, max_frame_bytes=lim.max_frame_bytes,
@@ -158,11 +158,11 @@ class Transport:
             self.poller.register(self._data_accepts, zmq.POLLIN)
         self.conn_limit = ConnLimit(self.my_id, self._listen_ports, self.limits.max_conns_per_address)
         self.links: dict[str, _Link] = {}
-        self._by_monitor: dict[zmq.Socket, str] = {}
+        self._by_monitor: dict[zmq.Socket[Any], str] = {}
         self._local: collections.deque[Received] = collections.deque()
         self._probes: dict[int, tuple[str, socket.socket, float]] = {}  # fd -> (peer, socket, deadline)
         self._refused: list[LinkEvent] = []
-        self._data_monitors: dict[zmq.Socket, str] = {}
+        self._data_monitors: dict[zmq.Socket[Any], str] = {}
         self.counters = Counters()
         self.closed = False
 
@@ -206,7 +206,7 @@ class Transport:
             if owed is not None:
                 sock.send(wire.encode(owed))
 
-    def _dealer(self, peer: str, addr: str) -> zmq.Socket:
+    def _dealer(self, peer: str, addr: str) -> zmq.Socket[Any]:
         """One outbound connection; its routing id is unique (``id/random``) so a peer's several streams
         and reconnections never take each other's place at the receiving ROUTER."""
         sock = self.ctx.socket(zmq.DEALER)
@@ -424,7 +424,7 @@ class Transport:
             if isinstance(msg, wire.DataOffer):
                 reply = self.sealed.on_offer(sender, msg)
                 if link is None:
-                    self.sealed.owed[sender] = reply  # sent when we open our link to the sender
+                    self.sealed.owe(sender, reply)  # sent when we open our link to the sender
                 else:
                     link.sock.send(wire.encode(reply))
             elif link is None or sender not in self.sealed.pending:
@@ -445,7 +445,7 @@ class Transport:
                 self.counters.msgs_received += 1
                 yield Received(sender, msg, payload)
 
-    def _drain_monitor(self, monitor: zmq.Socket) -> Iterator[LinkEvent]:
+    def _drain_monitor(self, monitor: zmq.Socket[Any]) -> Iterator[LinkEvent]:
         peer = self._by_monitor[monitor]
         link = self.links[peer]
         while True:
@@ -474,10 +474,10 @@ class Transport:
                 link.failures += 1
                 log.log(logging.WARNING if link.failures == 1 else logging.DEBUG,
                         "%s: security handshake with %s (%s) failed (%s): wrong swarm secret, refused key, "
-                        "or not a swarmtrain peer?", self.my_id, peer, link.addr, _HANDSHAKE_FAILURES.get(kind, kind))
+                        "or not a swarmtrain peer?", self.my_id, peer, link.addr, _HANDSHAKE_FAILURES.get(kind, str(kind)))
                 yield LinkEvent(peer, "auth_failed")
 
-    def _drain_data_monitor(self, monitor: zmq.Socket) -> Iterator[LinkEvent]:
+    def _drain_data_monitor(self, monitor: zmq.Socket[Any]) -> Iterator[LinkEvent]:
         """A data stream dropped: zmq reconnects, but what was in flight on it is lost."""
         peer = self._data_monitors[monitor]
         while True:

@@ -134,7 +134,7 @@ def encode(msg: Message) -> bytes:
                         use_bin_type=True)
     if len(raw) > MAX_HEADER_BYTES:
         raise WireError(f"{type(msg).__name__} header too large ({len(raw)} bytes)")
-    return raw
+    return bytes(raw)
 
 
 def decode(raw: Union[bytes, memoryview]) -> Message:

@@ -123,7 +123,7 @@ def run_gloo_allreduce(n_peers: int, nbytes: int, iters: int = 5, warmup: int = 
     errs: list[IO[bytes]] = []
     try:
         for rank in range(n_peers):
-            err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty rank cannot block
+            err: IO[bytes] = tempfile.TemporaryFile()  # a file, not a pipe: a chatty rank cannot block
             errs.append(err)
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "peer.bench.gloo", "--worker", "--rank", str(rank),
