@@ -45,6 +45,9 @@ class PipeProcs(LocalProcs):
         stdin.write("go\n")
         stdin.flush()
 
+    def __enter__(self) -> "PipeProcs":
+        return self
+
 
 class Events:
     """The JSON event lines of every peer, as they come (raw non-blocking reads), printed readably."""

@@ -59,6 +59,7 @@ class LMStage(nn.Module):
             self.head = nn.Linear(c.width, c.vocab, bias=False)
         self.apply(_init)
         for b in self.blocks:    # residual projections scaled down with the whole model's depth (GPT-2)
+            assert isinstance(b, Block)
             nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * depth))
             nn.init.normal_(b.out.weight, std=0.02 / math.sqrt(2 * depth))
 
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--op-timeout", type=float, default=30.0)
     t.add_argument("--admit-every", type=int, default=1, help="admit joiners every this many steps")
+    t.add_argument("--single", action="store_true",
+                   help="no swarm: train every stage in this process (the benchmark's baseline)")
     t.add_argument("--events", action="store_true", help="JSON events on stdout instead of readable lines")
     t.add_argument("--hold", action="store_true", help="after loading, wait for a line on stdin before joining")
     return ap
@@ -177,6 +180,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     pid = a.id or new_peer_id()
     setup_logging(a.log_level, pid)
     torch.set_num_threads(a.threads)
+    if a.single:
+        return single(a)
     if not join_list(a.join) and not a.bootstrap:
         print("pipeline_lm: give --join HOST:PORT or --bootstrap", file=sys.stderr)
         return 2
@@ -237,6 +242,37 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "recoveries": [_plain(x) for x in pipe.recoveries]})
     finally:
         swarm.close()
+    return 0
+
+
+def single(a: argparse.Namespace) -> int:
+    """The same stages, micro-batches and optimizer in one process (every stage trained here)."""
+    corpus = load_corpus() if a.data == "stdlib" else synthetic_corpus(seed=a.seed)
+    stages = make_stages(LMConfig(block=a.block, width=a.width), a.stages, a.blocks_per_stage, a.seed)
+    get_batch = batches(corpus, a.micro_batch, a.block, a.seed)
+    opts = [torch.optim.AdamW(s.parameters(), a.lr, betas=(0.9, 0.95), weight_decay=0.0) for s in stages]
+    out = Output("single", a.events)
+    for step in range(a.steps):
+        t0 = time.perf_counter()
+        total = 0.0
+        for m in range(a.micro_batches):
+            x, y = get_batch(step, m)
+            for s in stages:
+                x = s(x)
+            loss = torch.nn.functional.cross_entropy(x.reshape(-1, x.shape[-1]), y.reshape(-1))
+            (loss / a.micro_batches).backward()
+            total += float(loss.detach())
+        for s, o in zip(stages, opts):
+            torch.nn.utils.clip_grad_norm_(list(s.parameters()), a.max_grad_norm)
+            o.step()
+            o.zero_grad()
+        dt = time.perf_counter() - t0
+        out.event({"event": "step", "step": step, "committed": True, "stage": -1, "epoch": 0, "members": 1,
+                   "loss": total / a.micro_batches, "reason": "", "micro_batches": a.micro_batches,
+                   "recoveries": [], "bad_peers": [], "seconds": dt, "plan_s": 0.0, "compute_s": dt,
+                   "wait_s": 0.0, "reduce_s": 0.0, "vote_s": 0.0, "bytes_sent": 0})
+    out.event({"event": "done", "stage": -1, "steps": a.steps, "digest": "", "aborted": 0, "bytes_sent": 0,
+               "bytes_received": 0, "recoveries": []})
     return 0
 
 

@@ -178,6 +178,7 @@ class Pipeline:
                 continue
             except (OpAborted, DeadlineExceeded) as exc:   # at the boundary: someone was lost mid-plan
                 log.warning("%s: step boundary failed: %s: %s", self.swarm.id, type(exc).__name__, exc)
+                self._aborted_at_boundary(epoch, exc)
                 self._wait_change(epoch, exc)
                 last = exc
                 continue
@@ -187,6 +188,15 @@ class Pipeline:
             last = SwarmError(rec.reason)
             self._wait_change(rec.epoch, last)
         raise DeadlineExceeded(f"step {self.committed} did not commit in {self.attempts} attempts: {last}")
+
+    def _aborted_at_boundary(self, epoch: int, exc: BaseException) -> None:
+        """A member was lost during the step boundary (gather, recovery): an aborted attempt like any other."""
+        self.steps_aborted += 1
+        rec = StepRecord(step=max(self.committed, 0), committed=False, epoch=epoch, stage=self.stage,
+                         members=self.swarm.members, reason=f"boundary: {type(exc).__name__}: {exc}", t=time.time())
+        self.history.append(rec)
+        if self.on_step is not None:
+            self.on_step(rec)
 
     def _wait_for_peers(self) -> None:
         """Fewer members than stages (every member sees the same): topology updates (a collective; alone
