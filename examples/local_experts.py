@@ -16,6 +16,7 @@ transport counters of live 4-peer runs, for DiLoCo / full averaging and for SPES
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import threading
@@ -102,10 +103,20 @@ def _check(results: list[Any]) -> None:
             raise r
 
 
-def _admit(s: Swarm, n: int) -> None:
-    """In every peer's thread: wait to be admitted, then (collectively) until ``n`` members are in."""
-    s.wait_admitted(120)
-    s.wait_for_members(n, 120)
+def _form(ls: "LocalSwarm", peers: list[Swarm], timeout: float = 120.0) -> None:
+    """Until every peer is a member: whenever the coordinator holds joiners, the members admit them
+    (``update_topology``, a collective of all members; as tests/helpers.form_swarm)."""
+    deadline = time.monotonic() + timeout
+    n = len(peers)
+    while any(len(p.members) < n or p.state != "member" for p in peers):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"swarm not formed: {[p.state for p in peers]}")
+        members = [p for p in peers if p.state == "member"]
+        core = ls.coord.node.coord
+        if len(members) >= 2 and core is not None and core.pending:
+            _check(_threads([functools.partial(p.update_topology, 60) for p in members], 90))
+        else:
+            time.sleep(0.05)
 
 
 def _trainer(s: Swarm, index: int, corpus: Corpus, cfg: MoEConfig, syncs: int, H: int, r: int,
@@ -148,7 +159,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     lock = threading.Lock()
     registry: dict[str, ExpertSync] = {}   # every peer's ExpertSync, the killed one's too
     try:
-        _check(_threads([lambda s=s: _admit(s, 4) for s in swarms], 250))
+        _form(ls, swarms)
 
         def hook(opt: ExpertSync, rec: SyncRecord) -> None:
             if not rec.committed:
@@ -190,7 +201,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     ref = opts["p0"]
     after = evaluate(ref.model, val)  # type: ignore[arg-type]
     digests = {n: o.digest.hex() for n, o in opts.items()}
-    peers = {}
+    peers: dict[str, dict[str, Any]] = {}
     for n, o in everyone.items():
         hist = [h for h in o.history if h.committed or h.kind == "entry"]
         peers[n] = {"owned": {h.revision: len(h.owned) for h in hist}, "steps": o.inner_step_count,
@@ -259,7 +270,7 @@ def measure_bytes(cfg: MoEConfig, rounds: int = 3, H: int = 2) -> dict[str, dict
         ls = LocalSwarm()
         try:
             swarms = [ls.peer(f"p{i}") for i in range(4)]
-            _check(_threads([lambda s=s: _admit(s, 4) for s in swarms], 250))
+            _form(ls, swarms)
             marks: dict[str, list[tuple[int, int]]] = {s.id: [] for s in swarms}
 
             def one(s: Swarm, i: int) -> None:
@@ -285,7 +296,7 @@ def measure_bytes(cfg: MoEConfig, rounds: int = 3, H: int = 2) -> dict[str, dict
                 st = s.stats
                 marks[s.id].append((int(st["bytes_sent"]), int(st["bytes_received"])))
 
-            res = _threads([lambda s=s, i=i: one(s, i) for i, s in enumerate(swarms)], 1200)
+            res = _threads([functools.partial(one, s, i) for i, s in enumerate(swarms)], 1200)
             bad = [r for r in res if isinstance(r, Exception)]
             if bad:
                 raise RuntimeError(f"{arm}: {bad[0]}")
