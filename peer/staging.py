@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from collectives.errors import DeadlineExceeded, LocalError
+from peer.handle import Handle
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +142,24 @@ def stage(pool: StagingPool, tensors: Sequence[Any], copy_in: bool = True, alway
     return st
 
 
-class StagedHandle:
+class StagedHandle(Handle):
     """An op's handle over staged tensors: ``wait`` copies the committed result out to the device tensors
     (``copy_out=False`` for ops that do not write their input: send, all-gather) and gives the buffers
-    back. An abort gives them back untouched; a timeout drops them (the op's fate is unknown)."""
+    back. An abort gives them back untouched; a timeout drops them (the op's fate is unknown).
+    A ``Handle`` itself, so callers that keep handles (DiLoCo's eager mode) need no change."""
 
     def __init__(self, handle: Any, staged: Staged, copy_out: bool = True) -> None:
         self.handle, self.staged, self.copy_out = handle, staged, copy_out
-        self.kind = getattr(handle, "kind", "op")
+        super().__init__(getattr(handle, "kind", "op"))
 
-    @property
+    @property  # type: ignore[override]
     def metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = self.handle.metrics
         return m
+
+    @metrics.setter
+    def metrics(self, value: dict[str, Any]) -> None:
+        pass  # the inner handle's metrics are the op's (``Handle.__init__`` sets an empty dict)
 
     def done(self) -> bool:
         return bool(self.handle.done())
