@@ -334,3 +334,35 @@ def test_joiner_catches_up_takes_experts_and_matches(inproc: InProcess) -> None:
     ids = {"p0": 0, "p1": 1, "late": 2}
     root = next(i for i, o in enumerate(opts[:2]) if not o.history[0].adopted)
     assert reference(ids, opts[0].history, root, r=2, zero=frozenset({(joined, "late")})) == digests(opts[0])
+
+
+def test_evicted_peer_finds_it_is_stale_rejoins_and_resyncs(inproc: InProcess) -> None:
+    coord, peers = form_swarm(inproc, 3)
+    victim = peers[2]
+
+    def evict_after_2(rec: SyncRecord) -> None:
+        if rec.revision == 2 and rec.committed:  # as after a stall: the coordinator drops it from the epoch
+            node = coord.node
+            assert node.coord is not None
+            node.call(lambda: node._apply(node.coord.evict(victim.id, "test: silent too long")))  # type: ignore[union-attr]
+            deadline = time.monotonic() + 10
+            while victim.state != "stale":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+    def wait_for_rejoin(rec: SyncRecord) -> None:
+        if rec.revision == 3 and rec.committed:  # the survivors go on once the victim asked to rejoin
+            deadline = time.monotonic() + 20
+            while victim.state != "pending":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+    opts = check(run_all([lambda: train(peers[0], 0, rounds=6, hook=wait_for_rejoin),
+                          lambda: train(peers[1], 1, rounds=6, hook=wait_for_rejoin),
+                          lambda: train(victim, 2, rounds=6, hook=evict_after_2)]))
+    stale = opts[2]
+    assert any(r.reason.startswith("stale") for r in stale.history)
+    back = [r for r in stale.history if r.kind == "entry"][1:]
+    assert back and back[0].adopted and back[0].my_samples == 0
+    assert_parity(opts)
+    assert victim.id in by_revision(opts[0])[6].members and stale.owned   # it owns experts again
