@@ -38,7 +38,7 @@ class SnapDiLoCo(DiLoCo):
 
     def __init__(self, *a: Any, snapshots: Optional[Snapshotter] = None, resume: Optional[Snapshot] = None,
                  **kw: Any) -> None:
-        self.snapshots, self.resume_from = snapshots, resume
+        self.snap_writer, self.resume_from = snapshots, resume  # names the patched DiLoCo does not use
         super().__init__(*a, **kw)
 
     def _enter(self) -> None:
@@ -52,8 +52,8 @@ class SnapDiLoCo(DiLoCo):
 
     def _record(self, rec: RoundRecord, t0: float, bytes0: int) -> None:
         super()._record(rec, t0, bytes0)
-        if self.snapshots is not None and rec.committed:
-            self.snapshots.capture(self.revision, outer_specs(*names_shapes(self.model), self.theta, self.mom),
+        if self.snap_writer is not None and rec.committed:
+            self.snap_writer.capture(self.revision, outer_specs(*names_shapes(self.model), self.theta, self.mom),
                                    meta={"peer": self.swarm.id})
 
 
