@@ -1,4 +1,8 @@
-"""Coordinator failover, as seen by a member (mixed into ``peer.node.Node``; runs on its I/O thread).
+"""Finding the coordinator, as seen by a member: (re)joining, and coordinator failover (mixed into
+``peer.node.Node``; runs on its I/O thread).
+
+Joining: a Join goes to each known address in turn (the last coordinator, ``--join``, the last epoch's
+members; any member answers with a Redirect to its coordinator) until admitted or ``join_timeout``.
 
 When the coordinator is presumed dead, the survivors send a ``Rejoin`` (their last epoch and the verdicts
 they hold) to the first surviving member of the last epoch. That member takes the coordinator role in
@@ -8,17 +12,21 @@ reform mode (``CoordinatorCore(reform_expected=...)``); if it does not answer wi
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from collectives import wire
-from collectives.errors import CoordinatorUnavailable
+from collectives.errors import CoordinatorUnavailable, LocalError
 from collectives.transport import Transport
 from peer.config import PeerConfig, Timeouts
 from peer.core.actions import Action
 from peer.core.coordinator import CoordinatorCore
 from peer.core.ops import OpEngine
-from peer.core.states import NodeState
+from peer.core.states import NODE_TRANSITIONS, NodeState
+from peer.handle import Handle
 from peer.logs import PeerLog
+
+SEED = "@seed"  # the transport key of a link to a join address whose peer id we do not know yet
 
 
 class FailoverMixin:
@@ -48,13 +56,16 @@ class FailoverMixin:
     last_members: list[tuple[str, str]]
     redirects: int
     dead: set[str]
+    join_index: int
+    join_deadline: float
+    join_retry_at: float
+    _join_addr: str
 
     if TYPE_CHECKING:  # methods of peer.node.Node that this mixin calls
         def _note(self, kind: str, detail: str) -> None: ...
         def _send(self, to: str, msg: wire.Message, payload: Any = None) -> None: ...
         def _apply(self, actions: list[Action]) -> None: ...
         def _become_stale(self, msg: wire.Stale, now: float) -> None: ...
-        def _try_join(self, now: float) -> None: ...
 
     def _remember_members(self) -> None:
         """Keep the last epoch's members and addresses: a stale peer looks for the swarm there."""
@@ -130,3 +141,49 @@ class FailoverMixin:
             self._send(cand, rejoin)
         self.reform_deadline = now + self.t.candidate_timeout
 
+    # ------------------------------------------------------------------ (re)joining
+    def _begin_join(self) -> None:
+        now = time.monotonic()
+        self.state = NodeState.JOINING
+        self.join_deadline = now + self.t.join_timeout
+        if self.coord is not None and self.coord_id == self.id:
+            self.transport.send(self.id, wire.Join(self.id, self.addr, self.cfg.swarm))
+            self.state = NodeState.PENDING
+            return
+        first = [self.coord_addr] if self.coord_addr and self.coord_addr != self.addr else []
+        self.join_addrs = list(dict.fromkeys(first + self.join_addrs + [a for _, a in self.last_members]))
+        self._try_join(now)
+
+    def _try_join(self, now: float) -> None:
+        if not self.join_addrs:
+            return
+        addr = self.join_addrs[self.join_index % len(self.join_addrs)]
+        self.join_index += 1
+        self._send_join(addr)
+        self.join_retry_at = now + self.t.join_retry
+
+    def rejoin(self) -> None:
+        """(I/O thread) Leave the stale state and ask to be admitted again."""
+        self.members, self.epoch = [], 0
+        self._begin_join()
+
+    def submit_rejoin(self, handle: Handle) -> None:
+        if NodeState.JOINING not in NODE_TRANSITIONS[self.state] and self.state is not NodeState.JOINING:
+            handle.fail(LocalError(f"{self.id} cannot rejoin (state {self.state})"))
+            return
+        self.rejoin()
+        handle.resolve(None)
+
+    def _send_join(self, addr: str) -> None:
+        """Send Join to ``addr``. Reuse a link we already have to that address: a second socket with our
+        identity to the same ROUTER would take the identity over and drop the first one's messages."""
+        self._join_addr = addr
+        key = next((p for p, link in self.transport.links.items() if link.addr == addr), None)
+        if key is None:
+            self.transport.disconnect(SEED)
+            self.transport.connect(SEED, addr)
+            key = SEED
+        self._send(key, wire.Join(self.id, self.addr, self.cfg.swarm))
+
+    def _seed_addr(self) -> str:
+        return self._join_addr or self.coord_addr

@@ -34,7 +34,7 @@ from peer.core.coordinator import CoordinatorCore
 from peer.handle import Handle
 from peer.logs import peer_log
 from peer.core.ops import OpEngine, OpSpec
-from peer.failover import FailoverMixin
+from peer.failover import SEED, FailoverMixin
 from peer.core.probes import Probes
 from peer.core.states import NODE_TRANSITIONS, NodeState, transition
 
@@ -42,7 +42,6 @@ _TO_COORDINATOR = (wire.Join, wire.Heartbeat, wire.Leave, wire.TopologyVote, wir
                    wire.Suspect, wire.Rejoin, wire.BwReport)
 _FROM_COORDINATOR = (wire.Welcome, wire.HeartbeatAck, wire.EpochUpdate, wire.TopologyDone, wire.OpVerdict,
                      wire.Stale, wire.Redirect)
-SEED = "@seed"
 
 
 class Node(FailoverMixin):
@@ -99,8 +98,6 @@ class Node(FailoverMixin):
             self.coord_id, self.coord_addr, self.term = self.id, self.addr, 1
         if cfg.member:
             self.join_deadline = now + self.t.join_timeout
-            if not cfg.coordinator:
-                self.join_addrs = self.join_addrs or []
 
     @property
     def state(self) -> NodeState:
@@ -323,20 +320,6 @@ class Node(FailoverMixin):
         return self.state is NodeState.JOINING or sender in self.members or (
             self.coord is not None and sender in self.coord.members)
 
-    def _send_join(self, addr: str) -> None:
-        """Send Join to ``addr``. Reuse a link we already have to that address: a second socket with our
-        identity to the same ROUTER would take the identity over and drop the first one's messages."""
-        self._join_addr = addr
-        key = next((p for p, link in self.transport.links.items() if link.addr == addr), None)
-        if key is None:
-            self.transport.disconnect(SEED)
-            self.transport.connect(SEED, addr)
-            key = SEED
-        self._send(key, wire.Join(self.id, self.addr, self.cfg.swarm))
-
-    def _seed_addr(self) -> str:
-        return self._join_addr or self.coord_addr
-
     def _adopt_coordinator(self, coord_id: str, coord_addr: str, term: int) -> None:
         self.transport.disconnect(SEED)
         if coord_id != self.id:
@@ -409,39 +392,6 @@ class Node(FailoverMixin):
         self._wake_waiters(StaleError(f"{self.id} is stale: {msg.reason}"))
         with self.admitted:
             self.admitted.notify_all()
-
-    # ------------------------------------------------------------------ joining
-    def _begin_join(self) -> None:
-        now = time.monotonic()
-        self.state = NodeState.JOINING
-        self.join_deadline = now + self.t.join_timeout
-        if self.coord is not None and self.coord_id == self.id:
-            self.transport.send(self.id, wire.Join(self.id, self.addr, self.cfg.swarm))
-            self.state = NodeState.PENDING
-            return
-        first = [self.coord_addr] if self.coord_addr and self.coord_addr != self.addr else []
-        self.join_addrs = list(dict.fromkeys(first + self.join_addrs + [a for _, a in self.last_members]))
-        self._try_join(now)
-
-    def _try_join(self, now: float) -> None:
-        if not self.join_addrs:
-            return
-        addr = self.join_addrs[self.join_index % len(self.join_addrs)]
-        self.join_index += 1
-        self._send_join(addr)
-        self.join_retry_at = now + self.t.join_retry
-
-    def rejoin(self) -> None:
-        """(I/O thread) Leave the stale state and ask to be admitted again."""
-        self.members, self.epoch = [], 0
-        self._begin_join()
-
-    def submit_rejoin(self, handle: Handle) -> None:
-        if NodeState.JOINING not in NODE_TRANSITIONS[self.state] and self.state is not NodeState.JOINING:
-            handle.fail(LocalError(f"{self.id} cannot rejoin (state {self.state})"))
-            return
-        self.rejoin()
-        handle.resolve(None)
 
     # ------------------------------------------------------------------ timers
     def _tick(self, now: float) -> None:
