@@ -319,7 +319,8 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> 
         for name in names:
             r = table[name]
             runs = [x for x in results if x["name"] == name and x["lr"] == r["lr"]
-                    and (r["outer_lr"] is None or (x.get("outer_lr") == r["outer_lr"] and _mu(x) == r["outer_momentum"]))]
+                    and (r["outer_lr"] is None
+                         or (x.get("outer_lr") == r["outer_lr"] and _mu(x) == r["outer_momentum"]))]
             steps = [st for st, _ in runs[0]["curve"]][1:]  # from the first evaluation after step 0 (loss 5.36)
             ys = [float(np.mean([dict(x["curve"])[st] for x in runs])) for st in steps]
             schedule = name.partition("-")[2]

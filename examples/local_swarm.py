@@ -267,7 +267,7 @@ def plot(events: list[dict[str, Any]], faults: list[dict[str, Any]], path: Path,
             label="validation loss of the outer weights")
     ax.set_ylabel("loss (nats/byte)")
     ax.grid(color="#e6e6e6")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="center right", fontsize=8)  # the top right holds the fault labels
     # members per sync, as each peer saw it: committed (dot), its entry into the swarm (triangle), failed (x)
     for p in peers:
         mine = [e for e in rounds if e["peer"] == p]
@@ -290,21 +290,22 @@ def plot(events: list[dict[str, Any]], faults: list[dict[str, Any]], path: Path,
     ax_m.set_xlabel("seconds since the first peer started")
     ax_m.grid(color="#e6e6e6")
     ax_m.legend(loc="lower right", fontsize=7.5, ncol=2)
-    for f in faults:
+    for i, f in enumerate(faults):  # labels stacked downwards, so that close faults do not overprint
         t = f["wall"] - start
         color = "#c81e1e" if f["kind"] == "kill" else "#1f8a3a"
         for a in (ax, ax_m):
             a.axvline(t, color=color, linestyle="--", linewidth=1.2)
-        what = f"{f['who']} killed (SIGKILL)" if f["kind"] == "kill" else f"{f['who']} joins"
+        what = f"{f['who']} killed (SIGKILL)" if f["kind"] == "kill" else f"{f['who']} starts to join"
         ax.annotate(f"{what}\nat outer step {f['revision']}", (t, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(4, -4), textcoords="offset points", va="top", fontsize=9, color=color)
+                    xytext=(4, -4 - 30 * i), textcoords="offset points", va="top", fontsize=9, color=color,
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     # outer steps on the top axis, ticked at the times they were reached (and nowhere they were not)
     every = max(1, round(vals[-1][0] / 8 / 5) * 5) if vals[-1][0] > 10 else 1
     marks = [(w - start, r) for r, (w, _) in vals if r % every == 0]
     top = ax.secondary_xaxis("top")
     top.set_xticks([t for t, _ in marks], labels=[str(r) for _, r in marks])
     top.set_xlabel("outer step (committed syncs)")
-    what = ", ".join(f"{f['who']} {'killed' if f['kind'] == 'kill' else 'joins'} at outer step {f['revision']}"
+    what = ", ".join(f"{f['who']} {'killed' if f['kind'] == 'kill' else 'starts to join'} at outer step {f['revision']}"
                      for f in faults)
     fig.suptitle("DiLoCo swarm on the Python stdlib" + (f": {what}" if what else "")
                  + (f"\n{subtitle}" if subtitle else ""), fontsize=11)

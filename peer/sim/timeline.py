@@ -88,8 +88,8 @@ def write_timeline(path: str | Path, history: list[dict[str, Any]], width: int =
     if any(setting):
         title += "\n(" + ", ".join(filter(None, setting)) + ")"
     fig.suptitle(textwrap.fill(title, width=max(30, width // 8), replace_whitespace=False), fontsize=10)
-    fig.legend(handles=_legend(history, faults), loc="outside lower center", ncol=min(8, max(1, width // 170)), fontsize=8,
-               frameon=False)
+    fig.legend(handles=_legend(history, faults), loc="outside lower center", ncol=min(8, max(1, width // 170)),
+               fontsize=8, frameon=False)
     fig.savefig(Path(path), format="png")
 
 
