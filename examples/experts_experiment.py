@@ -154,19 +154,19 @@ def _local_sgd(run: Run, corpus: Corpus, base: MoELM, gens: list[torch.Generator
                 opts[w].zero_grad(set_to_none=True)
         deltas = np.stack([np.subtract(theta, lay.flatten()) for lay in lays])   # (W, N) pseudo-gradients
         if not spes:
-            avg = np.mean(deltas, axis=0, dtype=np.float32)
+            avg: np.ndarray = np.asarray(np.mean(deltas, axis=0, dtype=np.float32))
             if outer:
                 outer_sgd(theta, mom, avg, OUTER_LR, OUTER_MU, True, np.empty_like(avg))
             else:
                 np.subtract(theta, avg, out=theta)
         else:
-            avg = np.mean(deltas[:, :S], axis=0, dtype=np.float32)
+            avg = np.asarray(np.mean(deltas[:, :S], axis=0, dtype=np.float32))
             if outer:
                 outer_sgd(theta[:S], mom, avg, OUTER_LR, OUTER_MU, True, np.empty_like(avg))
             else:
                 np.subtract(theta[:S], avg, out=theta[:S])
-            for x, own in table.items():
-                lo, hi = lays[0].bounds[x]
+            for ex, own in table.items():
+                lo, hi = lays[0].bounds[ex]
                 rows = [IDS.index(o) for o in own]
                 np.subtract(theta[lo:hi], np.mean(deltas[rows, lo:hi], axis=0, dtype=np.float32),
                             out=theta[lo:hi])
@@ -211,6 +211,17 @@ def best_configs(results: list[dict[str, Any]], seed: int) -> dict[str, dict[str
         if r["seed"] == seed and (r["name"] not in best or r["val_loss"] < best[r["name"]]["val_loss"]):
             best[r["name"]] = r
     return best
+
+
+def edge_extensions(results: list[dict[str, Any]], seed: int) -> list[Run]:
+    """POST HOC (added after seeing the pre-registered sweep): for an arm whose best LR is the smallest or
+    largest it was tried at, one more run a factor 2 beyond it."""
+    out = []
+    for name, b in best_configs(results, seed).items():
+        tried = sorted({r["lr"] for r in results if r["name"] == name and r["seed"] == seed})
+        if len(tried) > 1 and b["lr"] in (tried[0], tried[-1]):
+            out.append(Run(b["arm"], b["H"], b["lr"] / 2 if b["lr"] == tried[0] else b["lr"] * 2, seed))
+    return out
 
 
 def summarize(results: list[dict[str, Any]], sweep_seed: int) -> dict[str, Any]:
@@ -309,6 +320,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--steps", type=int, default=None, help="steps per worker (default 100)")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--extend-edges", action="store_true",
+                    help="POST HOC: one LR beyond the grid's edge where an arm's best sits there (then seed 1 "
+                         "at a new best); reported in a separate table, the pre-registered one is unchanged")
     ap.add_argument("--bytes", action="store_true", help="measure bytes per sync per arm (live runs) and exit")
     a = ap.parse_args()
     if a.steps is not None:
@@ -337,12 +351,24 @@ def main() -> None:
         picked = best_configs(done, seeds[0])
         _run_all([Run(b["arm"], b["H"], b["lr"], s) for s in seeds[1:] for b in picked.values()], done,
                  res_path, a.jobs)
-    summary = summarize(done, seeds[0])
+    lrs = [float(x) for x in a.lrs.split(",")]
+    if a.extend_edges and not a.plot_only:
+        pre = [r for r in done if r["lr"] in lrs]
+        _run_all(edge_extensions(pre, seeds[0]), done, res_path, a.jobs)
+        picked = best_configs(done, seeds[0])
+        _run_all([Run(b["arm"], b["H"], b["lr"], s) for s in seeds[1:] for b in picked.values()], done,
+                 res_path, a.jobs)
+    summary = summarize([r for r in done if r["lr"] in lrs], seeds[0])
+    if any(r["lr"] not in lrs for r in done):
+        summary["post_hoc_edge_extension"] = summarize(done, seeds[0])["table"]
     if bytes_path.exists():
         summary["bytes_per_sync"] = json.loads(bytes_path.read_text())
     (out / "experts_summary.json").write_text(json.dumps(summary, indent=1))
     print_table(summary)
-    plot(done, summary, out / "experts_loss.png")
+    if "post_hoc_edge_extension" in summary:
+        print("\nPOST HOC (added after seeing the results above): one LR beyond the grid edge")
+        print_table({"table": summary["post_hoc_edge_extension"], "sweep_seed": seeds[0]})
+    plot([r for r in done if r["lr"] in lrs], summary, out / "experts_loss.png")
     print(f"wrote {out / 'experts_summary.json'}, {out / 'experts_loss.png'}")
 
 

@@ -5,6 +5,7 @@ orphaned expert keeps its weights); a joiner catches up and takes experts."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Optional
 
@@ -221,7 +222,7 @@ def digests(opt: ExpertSync) -> list[str]:
 
 def test_three_peers_bit_identical_and_equal_to_the_reference(inproc: InProcess) -> None:
     _, peers = form_swarm(inproc, 3)
-    opts = check(run_all([lambda s=s, i=i: train(s, i, rounds=4) for i, s in enumerate(peers)]))
+    opts = check(run_all([functools.partial(train, s, i, rounds=4) for i, s in enumerate(peers)]))
     assert_parity(opts)
     assert all(max(by_revision(o)) == 4 for o in opts)
     hist = opts[0].history
@@ -257,7 +258,7 @@ def die_in_sync(inproc: InProcess, victim: Swarm, survivors: list[Swarm], nth: i
                 raise RuntimeError("killed")
             return self.comm.all_reduce_async(buf, *a, **kw)
 
-    victim.comm.pinned = lambda epoch: Dying(real_pinned(epoch))  # type: ignore[method-assign]
+    victim.comm.pinned = lambda epoch: Dying(real_pinned(epoch))  # type: ignore[method-assign,assignment,return-value]
 
 
 @pytest.mark.parametrize("r", [1, 2])
