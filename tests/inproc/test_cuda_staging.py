@@ -26,7 +26,8 @@ class FakeHandle:
     """A handle whose outcome the test decides (what the op engine would resolve)."""
 
     def __init__(self, outcome: str, host: list[torch.Tensor], result: float = 0.0) -> None:
-        self.kind, self.outcome, self.host, self.result, self.metrics = "all_reduce", outcome, host, result, {}
+        self.kind, self.outcome, self.host, self.result = "all_reduce", outcome, host, result
+        self.metrics: dict[str, Any] = {}
 
     def done(self) -> bool:
         return True
