@@ -25,7 +25,8 @@ from typing import Any, Optional
 import torch
 
 from examples.charlm import CharLM, LMConfig, evaluate, load_corpus, param_count
-from peer.cli import add_peer_args, join_list, peer_config_from_args, setup_logging
+from peer.cli import (add_peer_args, add_snapshot_args, join_list, peer_config_from_args,
+                      setup_logging, snapshot_options_from_args)
 from peer.train.diloco import DiLoCo, RoundRecord
 from peer.swarm import Swarm, new_peer_id
 
@@ -35,6 +36,7 @@ log = logging.getLogger("train_swarm")
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_peer_args(ap)  # --join, --bootstrap, --id, --host/--port, security, --advertise, timeouts
+    add_snapshot_args(ap)  # --snapshot-dir, --snapshot-every, --snapshot-keep, --resume
     t = ap.add_argument_group("training")
     t.add_argument("--outer-steps", type=int, default=100,
                    help="stop when the swarm has made this many outer steps (streaming: x fragments syncs)")
@@ -104,6 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not sys.stdin.readline():
             return 0  # the harness went away before releasing us
 
+    snap_opts = snapshot_options_from_args(a, pid)  # a corrupt --resume snapshot is refused before joining
     swarm = Swarm(peer_config_from_args(a, pid))
     out.event({"event": "listening", "id": swarm.id, "addr": swarm.addr, "params": param_count(model)})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -126,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         opt_ref: list[DiLoCo] = []
         opt = DiLoCo(model, inner, swarm, inner_steps=a.inner_steps, outer_lr=a.outer_lr,
                      outer_momentum=a.outer_momentum, codec=a.codec, mode=a.mode, fragments=a.fragments,
-                     on_round=on_round)
+                     on_round=on_round, **snap_opts)
         opt_ref.append(opt)
         # the shared revision counts syncs: one per outer step, or one per fragment in streaming mode
         interval, target = a.inner_steps // a.fragments, a.outer_steps * a.fragments
@@ -144,6 +147,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             opt.zero_grad()
             sched.step()
         opt.finish()
+        if snap_opts["snapshots"] is not None:
+            snap_opts["snapshots"].close()  # waits for the last snapshot to be on disk
         final = evaluate(model, val)
         st = swarm.stats
         out.event({"event": "done", "peer": pid, "steps": opt.inner_step_count, "samples": state["samples"],

@@ -107,6 +107,34 @@ def join_list(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(a for v in values for a in v.split(",") if a)
 
 
+def add_snapshot_args(p: argparse.ArgumentParser) -> None:
+    """The snapshot flags of a training peer (docs/snapshots.md); read them with ``snapshot_options_from_args``."""
+    g = p.add_argument_group("snapshots")
+    g.add_argument("--snapshot-dir", default="", metavar="DIR",
+                   help="write the shared state (outer weights, momentum, revision) here in the background")
+    g.add_argument("--snapshot-every", type=int, default=10, metavar="K", help="a snapshot every K revisions")
+    g.add_argument("--snapshot-keep", type=int, default=2, help="complete snapshots kept (default 2)")
+    g.add_argument("--resume", default="", metavar="DIR",
+                   help="start from this snapshot (a rev-N directory, or a root: its newest); with "
+                        "--bootstrap this restarts a swarm after every peer was lost. A live swarm's newer "
+                        "state always wins; a corrupt snapshot is refused, naming the file")
+
+
+def snapshot_options_from_args(a: argparse.Namespace, peer_id: str) -> dict[str, Any]:
+    """``{"snapshots": Snapshotter | None, "resume": Snapshot | None}`` for ``DiLoCo(..., **options)``.
+    The resume snapshot is verified (every tensor's size and SHA-256) before the peer joins."""
+    from recovery.snapshot import open_snapshot
+    from recovery.snapshot_writer import Snapshotter
+
+    resume = None
+    if a.resume:
+        resume = open_snapshot(a.resume)
+        resume.verify()
+    snaps = (Snapshotter(a.snapshot_dir, every=a.snapshot_every, keep=a.snapshot_keep, meta={"peer": peer_id})
+             if a.snapshot_dir else None)
+    return {"snapshots": snaps, "resume": resume}
+
+
 def peer_config_from_args(a: argparse.Namespace, peer_id: Optional[str] = None, **overrides: Any) -> PeerConfig:
     """A ``PeerConfig`` from the flags of ``add_peer_args``; ``overrides`` set further PeerConfig fields.
     Raises ``LocalError`` for a bad combination (e.g. neither --join nor --bootstrap)."""

@@ -32,20 +32,43 @@ DEFAULT_TIMEOUT = 300.0
 class Communicator:
     """Collectives over all members of the current epoch, or over a fixed sub-group."""
 
-    def __init__(self, node: Node, group: Optional[tuple[str, ...]] = None, epoch: Optional[int] = None) -> None:
+    def __init__(self, node: Node, group: Optional[tuple[str, ...]] = None, epoch: Optional[int] = None,
+                 staging: Optional[dict[str, Any]] = None) -> None:
         self._node = node
         self._group = group
         self._epoch = epoch
+        # CUDA tensors are staged through pinned host buffers (``peer.staging``); one pool, made on first
+        # use (torch is imported only then), shared by every communicator derived from this one
+        self._staging: dict[str, Any] = staging if staging is not None else {}
 
     def group(self, members: Sequence[str]) -> "Communicator":
         """A communicator over a subset of members (ring in epoch order). Every listed member must call
         the same ops on it in the same order."""
-        return Communicator(self._node, tuple(members), self._epoch)
+        return Communicator(self._node, tuple(members), self._epoch, self._staging)
 
     def pinned(self, epoch: int) -> "Communicator":
         """A communicator whose ops fail with ``PeerLost`` unless the swarm is still in ``epoch``: a protocol
         made of several ops then either runs entirely in one epoch or is restarted by every member."""
-        return Communicator(self._node, self._group, epoch)
+        return Communicator(self._node, self._group, epoch, self._staging)
+
+    def _stage(self, ts: Sequence[Any], copy_in: bool = True) -> Any:
+        """Host stand-ins for device (CUDA) tensors, from the reused pinned pool; None when all are on
+        the host. The op runs on the stand-ins; ``_wrap`` copies the result back at commit."""
+        if not any(type(t).__module__.startswith("torch") and t.device.type != "cpu" for t in ts):
+            return None
+        from peer.staging import StagingPool, stage
+
+        if "pool" not in self._staging:
+            self._staging["pool"] = StagingPool()
+        return stage(self._staging["pool"], ts, copy_in=copy_in)
+
+    @staticmethod
+    def _wrap(handle: Handle, staged: Any, copy_out: bool = True) -> Handle:
+        if staged is None:
+            return handle
+        from peer.staging import StagedHandle
+
+        return StagedHandle(handle, staged, copy_out)
 
     # ------------------------------------------------------------------ async core
     def _submit(self, spec: OpSpec) -> Handle:
@@ -73,29 +96,37 @@ class Communicator:
                                   codec: Optional[str] = None) -> Handle:
         if op not in tensors.REDUCE_OPS:
             raise LocalError(f"op must be one of {tensors.REDUCE_OPS}")
-        views, dtype = self._views(tensors_)
+        views, dtype = self._views(tensors_)  # dtype checks first: nothing is staged for a refused op
         if codecs.get(codec) is not None and (dtype != "float32" or op not in ("sum", "avg")):
             raise LocalError("compressed all-reduce supports float32 sum/avg only")
-        return self._submit(OpSpec("all_reduce", views, dtype, op, self._group, codec=codec))
+        st = self._stage(tensors_)
+        if st is not None:
+            views, dtype = self._views(st.host)
+        return self._wrap(self._submit(OpSpec("all_reduce", views, dtype, op, self._group, codec=codec)), st)
 
     def broadcast_async(self, tensor: Any, root: str) -> Handle:
-        views, dtype = self._views([tensor])
-        return self._submit(OpSpec("broadcast", views, dtype, group=self._group, root=root))
+        st = self._stage([tensor])
+        views, dtype = self._views(st.host if st is not None else [tensor])
+        return self._wrap(self._submit(OpSpec("broadcast", views, dtype, group=self._group, root=root)), st)
 
     def all_gather_async(self, tensor: Any) -> Handle:
-        views, dtype = self._views([tensor])
-        return self._submit(OpSpec("all_gather", views, dtype, group=self._group))
+        st = self._stage([tensor])
+        views, dtype = self._views(st.host if st is not None else [tensor])
+        return self._wrap(self._submit(OpSpec("all_gather", views, dtype, group=self._group)), st,
+                          copy_out=False)
 
     def barrier_async(self) -> Handle:
         return self._submit(OpSpec("barrier", [np.zeros(0, np.float32)], "float32", group=self._group))
 
     def send_async(self, tensor: Any, to: str) -> Handle:
-        views, dtype = self._views([tensor])
-        return self._submit(OpSpec("send", views, dtype, peer=to))
+        st = self._stage([tensor])
+        views, dtype = self._views(st.host if st is not None else [tensor])
+        return self._wrap(self._submit(OpSpec("send", views, dtype, peer=to)), st, copy_out=False)
 
     def recv_async(self, tensor: Any, src: str) -> Handle:
-        views, dtype = self._views([tensor])
-        return self._submit(OpSpec("recv", views, dtype, peer=src))
+        st = self._stage([tensor], copy_in=False)
+        views, dtype = self._views(st.host if st is not None else [tensor])
+        return self._wrap(self._submit(OpSpec("recv", views, dtype, peer=src)), st)
 
     # ------------------------------------------------------------------ blocking forms
     def all_reduce(self, tensor: Any, op: str = "sum", timeout: float = DEFAULT_TIMEOUT,
@@ -140,9 +171,11 @@ class Communicator:
             import torch
 
             if str(tensor.dtype) == "torch.bfloat16":
-                return [torch.from_numpy(b.view(np.int16)).view(torch.bfloat16).reshape(tensor.shape)
-                        for b in blocks]
-            return [torch.from_numpy(b).reshape(tensor.shape) for b in blocks]
+                out = [torch.from_numpy(b.view(np.int16)).view(torch.bfloat16).reshape(tensor.shape)
+                       for b in blocks]
+            else:
+                out = [torch.from_numpy(b).reshape(tensor.shape) for b in blocks]
+            return [b.to(tensor.device) for b in out] if tensor.device.type != "cpu" else out
         return [b.reshape(np.shape(tensor)) for b in blocks]
 
     def barrier(self, timeout: float = DEFAULT_TIMEOUT) -> None:

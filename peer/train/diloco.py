@@ -66,6 +66,8 @@ from peer.logs import peer_log
 from peer.swarm import Swarm, with_retry
 from peer.train.outer import flatten_params, fragment_bounds, load_params, outer_sgd, state_digest, weight_scale
 from recovery.shared_state import NoSource, SharedState, sync
+from recovery.snapshot import Snapshot
+from recovery.snapshot_writer import Snapshotter, load_outer, outer_specs
 
 MODES = ("sync", "eager", "streaming")
 
@@ -145,9 +147,15 @@ class DiLoCo:
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, swarm: Swarm,
                  config: Optional[DiLoCoConfig] = None, *,
-                 on_round: Optional[Callable[[RoundRecord], None]] = None, **options: Any) -> None:
+                 on_round: Optional[Callable[[RoundRecord], None]] = None,
+                 snapshots: Optional[Snapshotter] = None, resume: Optional[Snapshot] = None,
+                 **options: Any) -> None:
         """``config`` holds the options (``DiLoCoConfig``); each may also be given as a keyword
-        (``inner_steps=50, mode="eager"``), which overrides the config's value."""
+        (``inner_steps=50, mode="eager"``), which overrides the config's value.
+
+        ``snapshots``: after every committed outer step, offer the outer weights and momentum (per
+        parameter name) to this background writer (``docs/snapshots.md``). ``resume``: start from this
+        snapshot's outer state and revision (verified; the shared-state sync keeps a newer live state)."""
         unknown = set(options) - {f.name for f in dataclasses.fields(DiLoCoConfig)}
         if unknown:
             raise LocalError(f"DiLoCo got unknown option(s) {sorted(unknown)}")
@@ -183,7 +191,23 @@ class DiLoCo:
         self.prev_avg: Optional[np.ndarray] = None                  # last committed average
         self.prev_mine: Optional[np.ndarray] = None                 # my part of it (share * my pseudo-grad)
         self.share = 0.0
+        # snapshots (docs/snapshots.md)
+        self.snapshots = snapshots
+        self.param_names = [n for n, _ in model.named_parameters()]
+        self.param_shapes = [tuple(p.shape) for p in self.params]
+        if resume is not None:
+            self._resume(resume)
         self._enter()
+
+    def _resume(self, snap: Snapshot) -> None:
+        """Hold the snapshot's state before the entry sync: it votes with its revision (highest legal
+        revision wins), so it becomes the swarm's state unless a live state is newer."""
+        theta, mom, revision = load_outer(snap, self.param_names, self.param_shapes)
+        self.theta[...], self.mom[...] = theta, mom
+        self.revision, self.has_state = revision, True
+        self.digest = state_digest(self.theta, self.mom)
+        load_params(self.params, self.theta)
+        self.log.info("resuming from snapshot %s (revision %d)", snap.path, revision)
 
     # ------------------------------------------------------------------ the optimizer interface
     @property
@@ -421,5 +445,8 @@ class DiLoCo:
         rec.revision, rec.digest = self.revision, self.digest.hex()
         rec.bytes_sent, rec.seconds, rec.t = self._bytes() - bytes0, time.monotonic() - t0, time.time()
         self.history.append(rec)
+        if self.snapshots is not None and rec.committed:  # a copy now; the disk write runs in a thread
+            self.snapshots.capture(self.revision, outer_specs(self.param_names, self.param_shapes, self.theta,
+                                                              self.mom), meta={"peer": self.swarm.id})
         if self.on_round is not None:
             self.on_round(rec)
