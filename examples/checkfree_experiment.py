@@ -17,6 +17,7 @@ the report.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import statistics
@@ -80,6 +81,14 @@ def cmd_tune(args: argparse.Namespace) -> None:
                              "1 torch thread on a 2-core machine shared with other jobs (load average > 6)",
            "final_val": {str(r["member"]["lr"]): r["val"][-1][1] for r in recs},
            "val": {str(r["member"]["lr"]): r["val"] for r in recs}}
+    if TUNE.exists():   # a second call with more rates adds to the first (same model, seed and steps)
+        prev = json.loads(TUNE.read_text())
+        if all(prev[k] == out[k] for k in ("config", "steps", "seed")):
+            out["lrs"] = sorted(set(prev["lrs"]) | set(args.lrs))
+            out["final_val"] = {**prev["final_val"], **out["final_val"]}
+            out["val"] = {**prev["val"], **out["val"]}
+            out["iteration_seconds_all"] = prev.get("iteration_seconds_all", [prev["iteration_seconds"]]) + [t_iter]
+            out["iteration_seconds"] = prev["iteration_seconds"]          # measured once: the first call's
     out["best_lr"] = float(min(out["final_val"], key=lambda k: out["final_val"][k]))
     RESULTS.mkdir(exist_ok=True)
     TUNE.write_text(json.dumps(out, indent=1))
@@ -98,13 +107,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         lr = tune["best_lr"]
     done = done_keys(args.jsonl)
     members = []
-    for seed in args.seeds:
-        for arm in args.arms:
-            if arm not in TRAINED_ARMS:
-                raise SystemExit(f"unknown arm {arm!r}; trained arms: {TRAINED_ARMS}")
-            m = Member(arm, 0.0 if arm == "nofail" else args.p, seed, lr)
-            if m.key not in done and m not in members:
-                members.append(m)
+    pairs = [(a, int(s)) for a, s in (r.split("@") for r in args.runs)] if args.runs else \
+        [(arm, seed) for seed in args.seeds for arm in args.arms]
+    for arm, seed in pairs:
+        if arm not in TRAINED_ARMS:
+            raise SystemExit(f"unknown arm {arm!r}; trained arms: {TRAINED_ARMS}")
+        m = Member(arm, 0.0 if arm == "nofail" else args.p, seed, lr)
+        if m.key not in done and m not in members:
+            members.append(m)
     if not members:
         print("nothing to do: every run is already in", args.jsonl)
         return
@@ -115,9 +125,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     recs = tr.run(args.eval_every, progress)
     args.jsonl.parent.mkdir(exist_ok=True)
     with args.jsonl.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)          # another train process may append at the same time
         for r in recs:
             r["wall_seconds_process"] = time.time() - t0
             f.write(json.dumps(r) + "\n")
+        f.flush()
     if progress is not None and progress.exists():
         progress.unlink()
     print(f"wrote {len(recs)} run(s) to {args.jsonl}")
@@ -148,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--p", type=float, default=0.005)
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--arms", nargs="+", default=list(TRAINED_ARMS))
+    r.add_argument("--runs", nargs="+", default=[], help="arm@seed pairs (instead of --seeds x --arms)")
     r.add_argument("--lr", type=float, default=None, help="default: best_lr of the tune step")
     r.add_argument("--steps", type=int, default=STEPS)
     r.add_argument("--eval-every", type=int, default=EVAL_EVERY)
