@@ -152,6 +152,7 @@ def test_strangers_and_replays_on_the_data_socket_are_refused(inproc: InProcess)
     try:
         s.connect(f"{host}:{sealed.port}")
         forged_key, _ = pair(peers[0].id, victim.id)
+        assert _wait(lambda: peers[0].id in sealed.openers), "the member's key offer never arrived"
         known = next(iter(sealed.openers[peers[0].id]))
         forged_key.key_id = known
         chunk = wire.encode(wire.Chunk(victim.node.epoch, "w", 0, wire.PHASE_REDUCE_SCATTER, 0, 0, "float32", 4))
