@@ -370,8 +370,11 @@ class ExpertSync:
         blocks, ring, epoch = self.swarm.comm.all_gather_members(header, self.op_timeout)
         comm = self.swarm.comm.pinned(epoch)
         ws = {m: np.float32(b[0]) for m, b in zip(ring, blocks)}
-        if any(not np.isfinite(v) or v < 0 for v in ws.values()):
-            raise LocalError(f"a member sent an invalid sample weight: {ws}")
+        for m, b in zip(ring, blocks):  # a malformed header counts as no contribution, on every member alike
+            if not np.isfinite(ws[m]) or ws[m] < 0 or not np.isin(b[1:], (0, 1)).all():
+                log.warning("%s: %s sent an invalid sync header; its contribution is ignored", me, m)
+                ws[m] = np.float32(0)
+        w = float(ws[me])                               # my weight as every member sees it
         total = _sum32([ws[m] for m in ring])
         out = _Outcome(ring=list(ring), total=float(total))
         if total <= 0:
