@@ -1,7 +1,8 @@
 """Pipeline benchmark: throughput of S stage peers (one process and one thread each, on loopback) against the
-same model trained in one process using all the cores, same micro-batches; where a pipeline peer's step time
-goes; and recovery times (SIGKILL of a replica -> next committed step; loss of a stage's last replica while a
-joiner waits -> next committed step).
+same model trained in one process using all the cores (and, measured too, one process with one thread: on a
+shared, oversubscribed machine the extra intra-op threads can be far slower), same micro-batches; where a
+pipeline peer's step time goes; and recovery times (SIGKILL of a replica -> next committed step; loss of a
+stage's last replica while a joiner waits -> next committed step).
 
     python -m peer.bench.pipeline                      # S = 2 and 4, then the recovery runs
     python -m peer.bench.pipeline --stages 2 --no-recovery --json
@@ -101,15 +102,15 @@ def release(lp: LocalProcs, name: str) -> None:
     stdin.flush()
 
 
-def baseline(a: argparse.Namespace, stages: int, workdir: Path) -> dict[str, Any]:
+def baseline(a: argparse.Namespace, stages: int, threads: int, workdir: Path) -> dict[str, Any]:
     with LocalProcs(workdir, insecure=True) as lp:
         w = Watch()
-        w.add(start(lp, "single", [*model_args(a, stages), "--single", "--threads", str(a.cores),
+        w.add(start(lp, "single", [*model_args(a, stages), "--single", "--threads", str(threads),
                                    "--steps", str(a.steps)]))
         w.until(lambda: bool(w.of("done")), a.timeout, "the baseline")
     times = [e["seconds"] for e in w.of("step")][a.warmup:]
     sps = a.micro_batches * a.micro_batch / median(times)
-    return {"samples_per_s": sps, "step_s": median(times)}
+    return {"threads": threads, "samples_per_s": sps, "step_s": median(times)}
 
 
 def pipeline(a: argparse.Namespace, stages: int, workdir: Path) -> dict[str, Any]:
@@ -169,13 +170,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--blocks", type=int, default=4, help="transformer blocks in the whole model")
-    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--block", type=int, default=64, help="context length")
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--micro-batches", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads of the baseline process")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                    help="threads of the all-cores baseline (a 1-thread baseline runs too)")
     ap.add_argument("--recovery-steps", type=int, default=45)
     ap.add_argument("--no-recovery", action="store_true")
     ap.add_argument("--timeout", type=float, default=600.0)
@@ -186,15 +188,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     for S in a.stages:
         if a.blocks % S:
             ap.error(f"--blocks {a.blocks} must divide into {S} stages")
-        base = baseline(a, S, root / f"base{S}")
+        bases = [baseline(a, S, t, root / f"base{S}-{t}") for t in sorted({1, a.cores})]
         pipe = pipeline(a, S, root / f"pipe{S}")
-        ratio = pipe["samples_per_s"] / base["samples_per_s"]
-        out["runs"].append({"stages": S, "baseline": base, "pipeline": pipe, "ratio": ratio})
+        best = max(bases, key=lambda b: b["samples_per_s"])
+        ratio = pipe["samples_per_s"] / best["samples_per_s"]
+        out["runs"].append({"stages": S, "baselines": bases, "pipeline": pipe, "ratio_vs_best": ratio,
+                            "ratio_vs_all_cores": pipe["samples_per_s"] / bases[-1]["samples_per_s"]})
         sp = pipe["split_s"]
-        print(f"S={S}: pipeline {pipe['samples_per_s']:.1f} samples/s ({pipe['step_s'] * 1e3:.0f} ms/step) vs one "
-              f"process x {a.cores} threads {base['samples_per_s']:.1f} samples/s: ratio {ratio:.2f}; per peer "
-              f"and step: compute {sp['compute'] * 1e3:.0f} ms, wait (transfer + bubble) {sp['wait'] * 1e3:.0f} ms, "
-              f"sync {sp['sync'] * 1e3:.0f} ms; ideal GPipe bubble {pipe['ideal_bubble']:.0%}", flush=True)
+        base_txt = ", ".join(f"{b['threads']} thread(s) {b['samples_per_s']:.1f}" for b in bases)
+        print(f"S={S}: pipeline {pipe['samples_per_s']:.1f} samples/s ({pipe['step_s'] * 1e3:.0f} ms/step); one "
+              f"process: {base_txt} samples/s; ratio vs the faster one {ratio:.2f}; per peer and step: compute "
+              f"{sp['compute'] * 1e3:.0f} ms, wait (transfer + bubble) {sp['wait'] * 1e3:.0f} ms, sync "
+              f"{sp['sync'] * 1e3:.0f} ms; ideal GPipe bubble {pipe['ideal_bubble']:.0%}", flush=True)
     if not a.no_recovery:
         rec = recovery(a, root / "recovery")
         out["recovery"] = rec
