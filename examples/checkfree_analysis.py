@@ -200,6 +200,7 @@ def analyze(jsonl: Path, tune_path: Path, out_dir: Path, steps: int) -> dict[str
                                        for x in rs]),
             "recover_censored": sum(x["censored"] for x in rs), "failure_events": sum(x["events"] for x in rs),
             "degraded_rebuilds": sum(x.get("degraded", 0) for x in rs)}
+    summary["post_hoc_loss_jump_by_lost_stage"] = jump_by_stage(recs, ps)
     summary["claims"] = claims(summary, ps)
     out_dir.mkdir(exist_ok=True)
     (out_dir / "checkfree_summary.json").write_text(json.dumps(summary, indent=1))
@@ -209,6 +210,26 @@ def analyze(jsonl: Path, tune_path: Path, out_dir: Path, steps: int) -> dict[str
     print(text)
     plot(summary, recs, nofail, ps, hours, out_dir / "checkfree.png")
     return summary
+
+
+def jump_by_stage(recs: Sequence[dict[str, Any]], ps: Sequence[float]) -> dict[str, Any]:
+    """Post hoc (added after the first results, a breakdown of the same events, not an arm): the mean loss
+    jump per lost stage over single-stage failure events, pooled over seeds; 'multi' for events that lost
+    several stages at once."""
+    out: dict[str, Any] = {"note": "post hoc breakdown: mean loss jump (and event count) by lost stage, "
+                                   "single-stage events pooled over seeds; 'multi': several stages at once"}
+    for p in ps:
+        cells: dict[str, dict[str, list[float]]] = {}
+        for r in recs:
+            m = r["member"]
+            if m["p"] != p or m["arm"] == "nofail":
+                continue
+            for e in r["events"]:
+                where = str(e["stages"][0]) if len(e["stages"]) == 1 else "multi"
+                cells.setdefault(m["arm"], {}).setdefault(where, []).append(e["jump"])
+        out[str(p)] = {arm: {k: [round(statistics.fmean(v), 5), len(v)] for k, v in sorted(c.items())}
+                       for arm, c in cells.items()}
+    return out
 
 
 def _mean(summary: dict[str, Any], arm: str, p: float, what: str) -> Optional[float]:

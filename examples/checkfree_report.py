@@ -43,6 +43,18 @@ def table(summary: dict[str, Any], ps: Sequence[float]) -> str:
                          f"{_fmt(c['hours_to_target'], 3, True)} | {_fmt(c['steps_to_recover'], 1)} | "
                          f"{c['failure_events']} ({c['recover_censored']}) |")
         lines.append("")
+    post = summary.get("post_hoc_loss_jump_by_lost_stage", {})
+    for p in ps:
+        cells = post.get(str(p), {})
+        if not cells:
+            continue
+        keys = sorted({k for c in cells.values() for k in c})
+        lines += [f"Post hoc breakdown, p = {p}: mean loss jump by lost stage (events), seeds pooled", "",
+                  "| arm | " + " | ".join(f"stage {k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for arm in [a for a in ORDER if a in cells]:
+            lines.append(f"| {arm} | " + " | ".join(
+                f"{cells[arm][k][0]:.4f} ({cells[arm][k][1]})" if k in cells[arm] else "-" for k in keys) + " |")
+        lines.append("")
     lines.append("Claims:")
     for name, c in summary["claims"].items():
         lines.append(f"- {name}: {c['holds']} (per p: {c['per_p']})")
