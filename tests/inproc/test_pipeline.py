@@ -13,7 +13,7 @@ from peer import Swarm
 from peer.train.pipeline import Pipeline, StepRecord
 from tests.helpers import InProcess, form_swarm, run_all
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 
 D, H, B, M, LR = 6, 10, 3, 4, 0.02
 
@@ -100,7 +100,7 @@ def test_two_stages_equal_single_process_reference(inproc: InProcess) -> None:
     the same order with the same 1/M scaling as the reference, through the same kernels."""
     _, peers = form_swarm(inproc, 2)
     steps = 4
-    pipes = run_all([partial(train, p, steps, stage=i) for i, p in enumerate(peers)], timeout=50)
+    pipes = run_all([partial(train, p, steps, stage=i) for i, p in enumerate(peers)], timeout=100)
     assert all(isinstance(p, Pipeline) for p in pipes), pipes
     ref, ref_losses = reference(steps)
     for p in pipes:
@@ -123,7 +123,7 @@ def test_replicas_bit_identical_after_every_step(inproc: InProcess) -> None:
         digests.setdefault((pipe.committed, pipe.stage), set()).add(pipe.digest())
 
     pipes = run_all([partial(train, p, steps, hook=hook, stage=i % 2) for i, p in enumerate(peers)],
-                    timeout=50)
+                    timeout=100)
     assert all(isinstance(p, Pipeline) for p in pipes), pipes
     assert sorted(len(v) for v in by_stage(pipes).values()) == [2, 2]
     assert len(digests) == 2 * steps and all(len(v) == 1 for v in digests.values()), digests
