@@ -5,7 +5,6 @@ The attacker tools are in ``tests/attack.py``. Every test is time-limited.
 
 from __future__ import annotations
 
-
 import random
 import re
 import time
