@@ -81,7 +81,7 @@ class SharedState:
     def tensor_hash(self, name: str, data: np.ndarray | None = None) -> bytes:
         view, dtype = self._views[name]
         h = hashlib.sha256(f"{dtype}|{tuple(np.shape(self.tensors[name]))}|".encode())
-        h.update(memoryview(view if data is None else data).cast("B"))
+        h.update((view if data is None else data).data.cast("B"))
         return h.digest()
 
     def hashes(self) -> list[bytes]:
