@@ -135,29 +135,63 @@ class Snapshots:
         self.index.close()
 
 
-def evaluate_snapshots(directory: Path, corpus: Corpus, warm: Path,
-                       max_t: Optional[float] = None) -> list[dict[str, Any]]:
-    """Validation loss of every snapshot (plus the warm start at t = 0), sorted by time."""
-    model, inner = new_model_and_optimizer()
-    load_state(warm, model, inner)
-    windows = corpus.val_windows(MODEL.block, VAL_WINDOWS)
-    params = list(model.parameters())
-    rows = [{"t": 0.0, "samples": 0.0, "steps": 0, "syncs": 0, "val": evaluate(model, windows)}]
-    index = directory / "index.jsonl"
-    lines = index.read_text(encoding="utf-8").splitlines() if index.exists() else []
-    for line in lines:
-        if not line.strip():
-            continue
-        meta = json.loads(line)
-        if max_t is not None and meta["t"] > max_t:
-            continue
+class Evaluator:
+    """Validation loss of chosen snapshots (and of the warm start at t = 0): evaluation is the slow part on a
+    loaded machine, so the runner evaluates a strided subset and refines it where a target loss is crossed."""
+
+    def __init__(self, corpus: Corpus, warm: Path) -> None:
+        self.model, inner = new_model_and_optimizer()
+        load_state(warm, self.model, inner)
+        self.windows = corpus.val_windows(MODEL.block, VAL_WINDOWS)
+        self.params = list(self.model.parameters())
+        self.n = sum(p.numel() for p in self.params)
+        self.warm_val = evaluate(self.model, self.windows)
+
+    def index(self, directory: Path) -> list[dict[str, Any]]:
+        path = directory / "index.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        return sorted((json.loads(line) for line in lines if line.strip()), key=lambda m: float(m["t"]))
+
+    def val(self, directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
         flat = np.load(directory / meta["file"], allow_pickle=False)
-        if flat.dtype != np.float32 or flat.size != sum(p.numel() for p in params):
+        if flat.dtype != np.float32 or flat.size != self.n:
             raise ValueError(f"snapshot {meta['file']}: {flat.size} {flat.dtype}")
-        load_params(params, flat)
-        rows.append({"t": round(float(meta["t"]), 3), "samples": float(meta["samples"]),
-                     "steps": int(meta["steps"]), "syncs": int(meta["syncs"]), "val": evaluate(model, windows)})
-    return sorted(rows, key=lambda r: r["t"])
+        load_params(self.params, flat)
+        return {"t": round(float(meta["t"]), 3), "samples": float(meta["samples"]), "steps": int(meta["steps"]),
+                "syncs": int(meta["syncs"]), "val": evaluate(self.model, self.windows)}
+
+    def curve(self, directory: Path, budget: float, points: int, targets: Sequence[float],
+              known: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """About ``points`` evenly spaced snapshots with t <= budget (always the last one), plus every snapshot
+        between the last evaluated one above each target and the first at or below it, so ``time_to`` is
+        exact at those targets (assuming no earlier crossing between strided points)."""
+        metas = [m for m in self.index(directory) if float(m["t"]) <= budget]
+        done: dict[str, dict[str, Any]] = {}
+        for r in known:
+            if "file" in r:
+                done[r["file"]] = r
+
+        def get(i: int) -> dict[str, Any]:
+            m = metas[i]
+            if m["file"] not in done:
+                done[m["file"]] = {**self.val(directory, m), "file": m["file"]}
+            return done[m["file"]]
+
+        if metas:
+            stride = max(1, len(metas) // max(1, points))
+            chosen = sorted(set(range(0, len(metas), stride)) | {len(metas) - 1})
+            for i in chosen:
+                get(i)
+            for target in targets:
+                prev = -1
+                for i in chosen:
+                    if get(i)["val"] <= target:
+                        for j in range(prev + 1, i):
+                            get(j)
+                        break
+                    prev = i
+        warm = {"t": 0.0, "samples": 0.0, "steps": 0, "syncs": 0, "val": self.warm_val}
+        return [warm] + sorted(done.values(), key=lambda r: r["t"])
 
 
 def time_to(curve: Sequence[dict[str, Any]], target: float) -> Optional[float]:

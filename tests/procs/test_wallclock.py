@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from examples.charlm import Corpus
-from examples.diloco_wallclock import run_arm
+from examples.diloco_wallclock import fill_curves, run_arm
 from examples.wallclock_report import claims, report
-from examples.wallclock_state import make_warm_start, save_corpus
+from examples.wallclock_state import Evaluator, make_warm_start, save_corpus
 from peer.sim.netns import leftovers, probe
 
 NETNS_OK, NETNS_WHY = probe()
@@ -31,8 +31,10 @@ def test_one_tiny_arm_in_namespaces(tmp_path: Path) -> None:
     corpus = tiny_corpus()
     save_corpus(tmp_path / "corpus.npz", corpus)
     warm = make_warm_start(tmp_path / "warm.npz", corpus, steps=2)
-    a = argparse.Namespace(peers=2, budget=4.0, snap_every=0.5, corpus=corpus)
+    a = argparse.Namespace(peers=2, budget=4.0, snap_every=0.5, corpus=corpus, evaluator=Evaluator(corpus, warm))
     row = run_arm("diloco-10", "100mbit", a, warm, tmp_path)
+    assert row["final_val"] is not None and len(row["curve"]) <= 3     # warm start, first and last snapshot
+    fill_curves([row], 4.0, a.evaluator, points=4)
     assert row["errors"] == [], row["errors"]
     peers = row["per_peer"]
     assert len(peers) == 2 and all(p is not None for p in peers)
