@@ -25,10 +25,8 @@ within ``handshake_ms``; inbound connections beyond ``max_conns_per_address`` fr
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import secrets
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
@@ -38,6 +36,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from collectives import wire
 from collectives.connlimit import ConnLimit
+from collectives.refusal import RefusalProbes
 from collectives.datalink import SealedLinks
 from collectives.errors import AuthError, RemoteError, WireError
 from collectives.security import DROP, OK, UNPROVEN, Insecure, Security, require_libzmq
@@ -160,7 +159,7 @@ class Transport:
         self.links: dict[str, _Link] = {}
         self._by_monitor: dict[zmq.Socket[Any], str] = {}
         self._local: collections.deque[Received] = collections.deque()
-        self._probes: dict[int, tuple[str, socket.socket, float]] = {}  # fd -> (peer, socket, deadline)
+        self._probes = RefusalProbes(self.poller, PROBE_TIMEOUT_S)
         self._refused: list[LinkEvent] = []
         self._data_monitors: dict[zmq.Socket[Any], str] = {}
         self.counters = Counters()
@@ -299,53 +298,16 @@ class Transport:
             elif isinstance(sock, zmq.Socket) and sock in self._data_monitors:
                 events.extend(self._drain_data_monitor(sock))
             elif isinstance(sock, int) and sock in self._probes:
-                self._finish_probe(sock)
-        self._expire_probes()
+                self._refused_probe(*self._probes.finish(sock))
+        self._probes.expire()
         events.extend(self._refused)
         self._refused.clear()
         return events, (extra is not None and extra in ready)
 
-    # ------------------------------------------------------------------ refused probes
-    def _start_probe(self, peer: str, addr: str) -> None:
-        """Is anything listening at ``addr``? A non-blocking TCP connect; the answer arrives in ``poll``."""
-        if any(p == peer for p, _, _ in self._probes.values()):
-            return
-        host, _, port = addr.removeprefix("tcp://").rpartition(":")
-        host = host.strip("[]")
-        try:
-            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-        except (OSError, ValueError):
-            return  # a name, not an address: no probe (silence is still detected by heartbeats)
-        family, _, _, _, sockaddr = info[0]
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.setblocking(False)
-        err = s.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS):
-            self._probe_result(peer, s, err)
-            return
-        self._probes[s.fileno()] = (peer, s, time.monotonic() + PROBE_TIMEOUT_S)
-        self.poller.register(s.fileno(), zmq.POLLOUT)
-
-    def _end_probe(self, fd: int) -> tuple[str, socket.socket]:
-        peer, s, _ = self._probes.pop(fd)
-        self.poller.unregister(fd)
-        return peer, s
-
-    def _finish_probe(self, fd: int) -> None:
-        peer, s = self._end_probe(fd)
-        self._probe_result(peer, s, s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-
-    def _probe_result(self, peer: str, s: socket.socket, err: int) -> None:
-        s.close()
+    def _refused_probe(self, peer: str, refused: bool) -> None:
         link = self.links.get(peer)
-        if err == errno.ECONNREFUSED and link is not None and not link.up:
+        if refused and link is not None and not link.up:
             self._refused.append(LinkEvent(peer, "refused"))
-
-    def _expire_probes(self) -> None:
-        now = time.monotonic()
-        for fd, (_, _, deadline) in list(self._probes.items()):
-            if now > deadline:  # no answer: a partition or a slow host, not a refusal
-                self._end_probe(fd)[1].close()
 
     def _drain_router(self) -> Iterator[Event]:
         for _ in range(self.limits.max_batch):
@@ -469,7 +431,7 @@ class Transport:
                 link.up = False
                 yield LinkEvent(peer, "down")
             elif kind == zmq.EVENT_CONNECT_RETRIED:
-                self._start_probe(peer, link.addr)
+                self._refused_probe(peer, self._probes.start(peer, link.addr))
             else:
                 link.failures += 1
                 log.log(logging.WARNING if link.failures == 1 else logging.DEBUG,
@@ -492,8 +454,7 @@ class Transport:
         if self.closed:
             return
         self.closed = True
-        for fd in list(self._probes):
-            self._end_probe(fd)[1].close()
+        self._probes.close()
         for peer in list(self.links):
             self.disconnect(peer)
         self.router.disable_monitor()

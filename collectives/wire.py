@@ -9,13 +9,16 @@ from a peer is ever unpickled.
 """
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union, get_type_hints
 
 import msgpack
 
 from collectives.errors import WireError
+from collectives.wire_ids import ADDR_RE as ADDR_RE, GROUP_RE as GROUP_RE, PEER_ID_RE as PEER_ID_RE
+from collectives.wire_ids import check_addr as check_addr, check_group as check_group
+from collectives.wire_ids import check_peer_id as check_peer_id, clip as clip
+from collectives.wire_ids import op_key as op_key, parse_op_key as parse_op_key
 
 VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -25,39 +28,12 @@ MAX_ITEMS = 4096
 MAX_INT = 2**63 - 1
 MIN_INT = -(2**63)
 
-PEER_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-GROUP_RE = re.compile(r"[a-z0-9]{1,40}")
-ADDR_RE = re.compile(r"tcp://[A-Za-z0-9_.:\[\]-]{1,256}:[0-9]{1,5}")
-
 # Collective phases carried by Chunk.
 PHASE_REDUCE_SCATTER = 0
 PHASE_ALL_GATHER = 1
 PHASE_BROADCAST = 2
 PHASE_P2P = 3
 PHASES = (PHASE_REDUCE_SCATTER, PHASE_ALL_GATHER, PHASE_BROADCAST, PHASE_P2P)
-
-
-def check_peer_id(value: str) -> str:
-    if not isinstance(value, str) or not PEER_ID_RE.fullmatch(value):
-        raise WireError(f"invalid peer id {value!r:.80}")
-    return value
-
-
-def clip(text: str, max_bytes: int = 500) -> str:
-    """Shorten free text (reasons) to at most ``max_bytes`` UTF-8 bytes, never splitting a character."""
-    return text.encode("utf-8", "replace")[:max_bytes].decode("utf-8", "ignore")
-
-
-def check_group(value: str) -> str:
-    if not isinstance(value, str) or not GROUP_RE.fullmatch(value):
-        raise WireError(f"invalid group id {value!r:.80}")
-    return value
-
-
-def check_addr(value: str) -> str:
-    if not isinstance(value, str) or not ADDR_RE.fullmatch(value):
-        raise WireError(f"invalid address {value!r:.80}")
-    return value
 
 
 class Message:
@@ -502,15 +478,3 @@ def _check_op(group: str, seq: int, members: tuple[str, ...]) -> None:
         raise WireError("negative op sequence number")
     for m in members:
         check_peer_id(m)
-
-
-def op_key(epoch: int, group: str, seq: int) -> str:
-    return f"{epoch}:{group}:{seq}"
-
-
-def parse_op_key(key: str) -> tuple[int, str, int]:
-    try:
-        e, g, s = key.split(":")
-        return int(e), g, int(s)
-    except ValueError:
-        raise WireError(f"bad op key {key!r:.80}") from None
