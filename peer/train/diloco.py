@@ -1,13 +1,9 @@
 """DiLoCo: train one model across the swarm with infrequent, fault-tolerant syncs.
 
-Keep the training loop; wrap the optimizer::
+Keep the training loop; wrap the optimizer (usage: docs/diloco.md)::
 
-    swarm = Swarm.join(["coordhost:7000"]); swarm.wait_admitted()
     opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), 1e-3), swarm, inner_steps=50)
-    for x, y in loader:
-        loss = model.loss(x, y); loss.backward()
-        opt.step(samples=len(x)); opt.zero_grad()
-    opt.finish()                 # every member: commit the last in-flight round (eager), load the outer weights
+    ... opt.step(samples=len(x)); opt.zero_grad() ...; opt.finish()   # finish: every member, at the end
 
 Every ``inner_steps`` steps the peers average their pseudo-gradients (outer weights − local weights, weighted
 by the samples each peer processed since its last sync) and apply an outer SGD step (Nesterov by default) to
@@ -233,6 +229,58 @@ class DiLoCo:
         then load the outer weights into the model (local steps since the last sync are dropped)."""
         if self.inflight is not None:
             self._guarded(self._finish_inflight)
+        self._reset_all()
+
+    # ------------------------------------------------------------------ checkpoints
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs: the outer weights and outer momentum (copies, as CPU float32 tensors), the
+        shared revision, the inner optimizer's ``state_dict()`` and this peer's inner step count. Local steps
+        since the last sync (and an eager round still in flight) are not part of it: a restored peer resumes
+        from the outer weights, as after ``finish()``. Only tensors, numbers and strings, so
+        ``torch.save(opt.state_dict(), f)`` / ``torch.load(f, weights_only=True)`` work."""
+        return {"version": self.STATE_VERSION,
+                "theta": torch.from_numpy(self.theta.copy()),        # (N,) outer weights
+                "momentum": torch.from_numpy(self.mom.copy()),       # (N,) outer momentum
+                "revision": self.revision, "digest": self.digest.hex(),
+                "inner": self.inner.state_dict(), "inner_step_count": self.inner_step_count,
+                "mode": self.mode, "inner_steps": self.H, "fragments": len(self.frags)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``: outer weights, momentum, revision and the inner optimizer; the model
+        takes the outer weights. Everything is checked (version, sizes, the digest of weights and momentum)
+        before anything changes; a bad checkpoint raises ``LocalError`` and leaves this optimizer as it was.
+
+        In a swarm the loaded state is this peer's, not yet the swarm's: at the next sync a peer that loaded
+        a checkpoint into a running swarm takes the swarm's state (it does not vote, like a joiner), while a
+        swarm whose members all loaded the same checkpoint (a restart) agrees on it. An eager round in
+        flight is finished first (the other members are in it too)."""
+        if state.get("version") != self.STATE_VERSION:
+            raise LocalError(f"DiLoCo state version {state.get('version')!r}, expected {self.STATE_VERSION}")
+        theta, mom = (np.ascontiguousarray(torch.as_tensor(state[k]).detach().cpu().numpy(), np.float32)
+                      .reshape(-1) for k in ("theta", "momentum"))
+        if theta.size != self.theta.size or mom.size != self.mom.size:
+            raise LocalError(f"checkpoint holds {theta.size} weights and {mom.size} momenta, the model has "
+                             f"{self.theta.size} parameters")
+        if int(state.get("fragments", 1)) != len(self.frags):
+            raise LocalError(f"checkpoint made with {state.get('fragments')} fragments, this optimizer has "
+                             f"{len(self.frags)}")
+        if state_digest(theta, mom).hex() != state.get("digest"):
+            raise LocalError("checkpoint weights and momentum do not match its digest (corrupt or edited)")
+        revision, steps = int(state["revision"]), int(state.get("inner_step_count", 0))
+        if revision < 0 or steps < 0:
+            raise LocalError(f"negative revision {revision} or step count {steps} in the checkpoint")
+        if self.inflight is not None:
+            self._guarded(self._finish_inflight)
+        self.inner.load_state_dict(state["inner"])    # raises (ValueError) before ours changes on a mismatch
+        np.copyto(self.theta, theta)                   # in place: the shared state owns these arrays
+        np.copyto(self.mom, mom)
+        self.revision = self.state.revision = revision
+        self.inner_step_count = steps
+        self.digest = state_digest(self.theta, self.mom)
+        self.has_state = False                         # receive-only at the next sync (see above)
+        self.prev_avg = self.prev_mine = None
         self._reset_all()
 
     # ------------------------------------------------------------------ sync points
