@@ -9,7 +9,7 @@ import time
 import pytest
 
 from peer.sim.procs import LocalProcs
-from tests.procs.test_pipeline import Watch, start
+from tests.procs.test_pipeline_procs import Watch, start
 
 pytestmark = pytest.mark.timeout(150)
 
