@@ -239,7 +239,7 @@ class DiLoCo:
         shared revision, the inner optimizer's ``state_dict()`` and this peer's inner step count. Local steps
         since the last sync (and an eager round still in flight) are not part of it: a restored peer resumes
         from the outer weights, as after ``finish()``. Only tensors, numbers and strings, so
-        ``torch.save(opt.state_dict(), f)`` / ``torch.load(f, weights_only=True)`` work."""
+        ``torch.save(opt.state_dict(), f)`` and torch's weights-only loader work."""
         return {"version": self.STATE_VERSION,
                 "theta": torch.from_numpy(self.theta.copy()),        # (N,) outer weights
                 "momentum": torch.from_numpy(self.mom.copy()),       # (N,) outer momentum
