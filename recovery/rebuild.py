@@ -3,7 +3,7 @@
 The pipeline runtime (``peer.train.pipeline`` with ``recovery.stage``) restores a stage in this order:
 (1) copy a surviving replica, exactly; (2) when no replica survives, ask a ``StageRebuild`` for weights
 computed from the neighbouring stages (CheckFree / CheckFree+: ``recovery.checkfree``); (3) with neither,
-stop with ``StageLost`` naming the stage. Weights travel as plain named float arrays (never pickle).
+stop with ``StageLost`` naming the stage. Weights travel as plain named float arrays (no object serialisation).
 """
 
 from __future__ import annotations

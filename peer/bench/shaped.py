@@ -43,12 +43,14 @@ class ShapedProcs:
 
     def __init__(self, workdir: Path) -> None:
         self.fabric = Fabric.create()
+        ok = False
         try:
             self.net = NetnsNet(self.fabric, workdir, sys.executable)
             self.lp = LocalProcs(workdir)
-        except BaseException:
-            self.fabric.close()
-            raise
+            ok = True
+        finally:
+            if not ok:  # any failure, KeyboardInterrupt included: remove the namespaces, then re-raise
+                self.fabric.close()
         self.coord: Optional[Proc] = None
 
     def __enter__(self) -> "ShapedProcs":
