@@ -2,6 +2,8 @@
 
     swarmtrain coordinator --host 127.0.0.1 --port 7000
     swarmtrain peer --join 127.0.0.1:7000 --workload allreduce --mb 4 --ops 100
+    swarmtrain peer --bootstrap --workload train --task examples.charlm_task:task --snapshot-dir snaps
+    swarmtrain peer --bootstrap --workload train --task examples.charlm_task:task --resume snaps
     swarmtrain demo
     swarmtrain bench allreduce --peers 4 --mb 64 --json
     swarmtrain keygen --secret swarm.secret
@@ -18,7 +20,7 @@ import signal
 import sys
 import threading
 from dataclasses import fields
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from collectives import keys
 from collectives.errors import LocalError
@@ -26,6 +28,10 @@ from collectives.transport import Limits
 from peer.config import (DEFAULT_KEY_FILE, INSECURE_WARNING, KEY_ENV, PeerConfig, SecurityConfig, Timeouts,
                          cli_flag)
 from peer.swarm import Swarm, new_peer_id
+from recovery.snapshot import SnapshotError
+
+if TYPE_CHECKING:
+    from peer.train.diloco import DiLoCoConfig
 
 log = logging.getLogger("swarmtrain")
 
@@ -114,25 +120,64 @@ def add_snapshot_args(p: argparse.ArgumentParser) -> None:
                    help="write the shared state (outer weights, momentum, revision) here in the background")
     g.add_argument("--snapshot-every", type=int, default=10, metavar="K", help="a snapshot every K revisions")
     g.add_argument("--snapshot-keep", type=int, default=2, help="complete snapshots kept (default 2)")
-    g.add_argument("--resume", default="", metavar="DIR",
-                   help="start from this snapshot (a rev-N directory, or a root: its newest); with "
-                        "--bootstrap this restarts a swarm after every peer was lost. A live swarm's newer "
-                        "state always wins; a corrupt snapshot is refused, naming the file")
+    g.add_argument("--resume", action="append", default=[], metavar="DIR",
+                   help="start from this snapshot (a rev-N directory, or a root: its newest; repeat for "
+                        "several peers' directories: the newest complete snapshot among them, or for a "
+                        "pipeline their union); with --bootstrap this restarts a swarm after every peer was "
+                        "lost. A live swarm's newer state always wins; a corrupt snapshot is refused, "
+                        "naming the file")
 
 
 def snapshot_options_from_args(a: argparse.Namespace, peer_id: str) -> dict[str, Any]:
     """``{"snapshots": Snapshotter | None, "resume": Snapshot | None}`` for ``DiLoCo(..., **options)``.
     The resume snapshot is verified (every tensor's size and SHA-256) before the peer joins."""
-    from recovery.snapshot import open_snapshot
+    from recovery.snapshot import open_newest
     from recovery.snapshot_writer import Snapshotter
 
     resume = None
     if a.resume:
-        resume = open_snapshot(a.resume)
+        resume = open_newest(a.resume)
         resume.verify()
     snaps = (Snapshotter(a.snapshot_dir, every=a.snapshot_every, keep=a.snapshot_keep, meta={"peer": peer_id})
              if a.snapshot_dir else None)
     return {"snapshots": snaps, "resume": resume}
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``--workload train``: the task (``peer.train.task``) and DiLoCo's options."""
+    g = p.add_argument_group("training (--workload train: DiLoCo on --task)")
+    g.add_argument("--task", default="", metavar="MODULE:CALLABLE",
+                   help="returns a peer.train.task.Task (model, inner optimizer, batches), e.g. "
+                        "examples.charlm_task:task (importable from the current directory)")
+    g.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for the task (repeat); e.g. width=64")
+    g.add_argument("--seed", type=int, default=0, help="the task's seed (model init: the same on every peer)")
+    g.add_argument("--outer-steps", type=int, default=100, help="stop when the swarm's revision reaches this")
+    # DiLoCo's options; unset ones keep DiLoCoConfig's defaults (docs/diloco.md)
+    g.add_argument("--inner-steps", type=int, default=None, help="H: local steps between syncs (default 100)")
+    g.add_argument("--outer-lr", type=float, default=None, help="outer learning rate (default 0.7)")
+    g.add_argument("--outer-momentum", type=float, default=None, help="outer momentum (default 0.9)")
+    g.add_argument("--no-nesterov", action="store_true", help="plain outer momentum instead of Nesterov")
+    g.add_argument("--mode", choices=["sync", "eager", "streaming"], default=None, help="default sync")
+    g.add_argument("--fragments", type=int, default=None, help="streaming: parameter fragments")
+    g.add_argument("--op-timeout", type=float, default=None, help="deadline of one sync collective (600 s)")
+    g.add_argument("--first-sync-timeout", type=float, default=None,
+                   help="a peer's first sync waits this long for a partner (600 s)")
+    g.add_argument("--alone-wait", type=float, default=None,
+                   help="alone at a sync: wait this long for a partner, then discard the local steps (10 s)")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_snapshot_args(p)
+
+
+def diloco_config_from_args(a: argparse.Namespace) -> "DiLoCoConfig":
+    """``DiLoCoConfig`` from ``add_train_args``' flags (raises ``LocalError`` for a bad combination)."""
+    from peer.train.diloco import DiLoCoConfig
+
+    given = {"inner_steps": a.inner_steps, "outer_lr": a.outer_lr, "outer_momentum": a.outer_momentum,
+             "mode": a.mode, "fragments": a.fragments, "op_timeout": a.op_timeout,
+             "join_timeout": a.first_sync_timeout, "alone_wait": a.alone_wait}
+    return DiLoCoConfig(nesterov=not a.no_nesterov, codec=a.codec,
+                        **{k: v for k, v in given.items() if v is not None})
 
 
 def peer_config_from_args(a: argparse.Namespace, peer_id: Optional[str] = None, **overrides: Any) -> PeerConfig:
@@ -159,10 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a peer. It prints one JSON line with its address, joins, and runs "
                                    "the chosen workload.")
     add_peer_args(p)
-    p.add_argument("--workload", choices=["allreduce", "bench", "catchup-source", "catchup-joiner", "none"],
+    p.add_argument("--workload", choices=["allreduce", "bench", "catchup-source", "catchup-joiner", "train",
+                                          "none"],
                    default="allreduce",
                    help="allreduce: repeated all-reduces surviving churn; bench: wait for --expect "
-                        "peers, then time --ops all-reduces; none: only keep membership")
+                        "peers, then time --ops all-reduces; train: DiLoCo on --task (with snapshots and "
+                        "--resume); none: only keep membership")
     p.add_argument("--expect", type=int, default=2, help="bench/catchup: number of peers to wait for")
     p.add_argument("--state-mb", type=float, default=100, help="catchup: shared state size in MiB")
     p.add_argument("--warmup", type=int, default=2, help="bench: untimed all-reduces first")
@@ -182,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data this peer holds for ops it has not started yet, at most (MiB, default 1024)")
     p.add_argument("--codec", choices=["none", "fp16", "bf16", "int8"], default="none",
                    help="compress all-reduce traffic (lossy; results stay bit-identical on every peer)")
+    add_train_args(p)
 
     d = sub.add_parser("demo", help="local demo: a coordinator and 4 peers all-reducing while peers die and join",
                        description="Start a coordinator and 4 local peer processes doing repeated all-reduces; "
@@ -282,6 +330,7 @@ def cmd_peer(a: argparse.Namespace) -> int:
     if not join_list(a.join) and not a.bootstrap:
         print("swarmtrain peer: give --join HOST:PORT or --bootstrap", file=sys.stderr)
         return 2
+    training = _prepare_training(a, pid) if a.workload == "train" else None  # slow work before joining
     cfg = peer_config_from_args(a, pid, parity_digest=not a.no_digest, slice_bytes=a.slice_bytes,
                                 limits=Limits(streams=a.streams), bandwidth_probes=not a.no_bandwidth_probes,
                                 max_early_bytes=int(a.max_early_mb * (1 << 20)))
@@ -293,11 +342,14 @@ def cmd_peer(a: argparse.Namespace) -> int:
     record = open(a.record, "a", encoding="utf-8") if a.record else None
     try:
         swarm.wait_admitted(timeout=cfg.timeouts.join_timeout)
-        if a.workload == "none":
+        summary: dict[str, Any]
+        if training is not None:
+            summary = _train(swarm, a, training, stop)
+        elif a.workload == "none":
             while not stop.wait(0.5):
                 if a.duration is not None:
                     break
-            summary: dict[str, Any] = swarm.stats
+            summary = swarm.stats
         elif a.workload.startswith("catchup"):
             summary = run_catchup(swarm, a.state_mb, a.workload == "catchup-joiner", a.expect)
         elif a.workload == "bench":
@@ -313,6 +365,30 @@ def cmd_peer(a: argparse.Namespace) -> int:
             record.close()
         swarm.close()
     return 0
+
+
+def _prepare_training(a: argparse.Namespace, pid: str) -> tuple[Any, dict[str, Any]]:
+    """The task and the snapshot options, before joining (a corrupt --resume snapshot stops us here)."""
+    import torch
+
+    from peer.train.task import TaskContext, load_task, parse_options
+
+    if not a.task:
+        raise LocalError("--workload train needs --task MODULE:CALLABLE")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    task = load_task(a.task, TaskContext(pid, a.seed, parse_options(a.task_arg)))
+    diloco_config_from_args(a)  # a bad combination of options is refused before joining
+    return task, snapshot_options_from_args(a, pid)
+
+
+def _train(swarm: Swarm, a: argparse.Namespace, training: tuple[Any, dict[str, Any]],
+           stop: threading.Event) -> dict[str, Any]:
+    from peer.train.task import train
+
+    task, snap_opts = training
+    return train(swarm, task, diloco_config_from_args(a), a.outer_steps,
+                 lambda e: print(json.dumps(e), flush=True), stop=stop, **snap_opts)
 
 
 def cmd_keygen(a: argparse.Namespace) -> int:
@@ -335,6 +411,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _dispatch(a)
     except LocalError as exc:  # our own misuse (missing secret, unreadable key file): say it, no traceback
         print(f"swarmtrain {a.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+    except SnapshotError as exc:  # a corrupt, missing or stale --resume snapshot: the message names the file
+        print(f"swarmtrain {a.cmd}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -303,6 +303,25 @@ def open_snapshot(path: PathLike) -> Snapshot:
     return _read_manifest(p)
 
 
+def open_newest(paths: Union[PathLike, Sequence[PathLike]]) -> Snapshot:
+    """The snapshot of the highest revision among several paths (each a ``rev-N`` directory or a root),
+    e.g. every surviving DiLoCo peer's snapshot directory: they hold the same shared state at a revision,
+    so the newest one is the swarm's. A root without any complete snapshot yet is passed over; every
+    candidate's manifest is validated (a corrupt one is refused, never skipped); on equal revisions the
+    first path wins."""
+    many = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    found = []
+    for p in many:
+        try:
+            found.append(open_snapshot(p))
+        except SnapshotNotFound:
+            if len(many) == 1:
+                raise
+    if not found:
+        raise SnapshotNotFound(f"no complete snapshot in any of {[str(p) for p in many]}")
+    return max(found, key=lambda s: s.revision)   # max keeps the first of equal keys
+
+
 def _read_manifest(directory: Path) -> Snapshot:
     mpath = directory / MANIFEST
     try:

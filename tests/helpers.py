@@ -7,6 +7,7 @@ secure; ``InProcess`` gives each peer id its own key file; ``LocalProcs`` makes 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -129,3 +130,30 @@ def form_swarm(inproc: InProcess, n: int, **kw: Any) -> tuple[Swarm, list[Swarm]
         else:
             time.sleep(0.05)
     return coord, peers
+
+
+# ---------------------------------------------------------------------------------------------- snapshots
+
+def corrupt_copy(snapshot_dir: Path, dest: Path, entry_file: str) -> Path:
+    """A copy of a snapshot directory with the first byte of one tensor file flipped; returns that file."""
+    shutil.copytree(snapshot_dir, dest)
+    victim = dest / entry_file
+    raw = bytearray(victim.read_bytes())
+    raw[0] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    return victim
+
+
+def check_resumed(resumed: list[dict[str, Any]], joiner: list[dict[str, Any]], held: dict[int, str],
+                  revision: int, target: int) -> None:
+    """The JSON events of a peer resumed from a snapshot of ``revision`` (its revision -> digest before
+    the loss of the swarm: ``held``) and of a fresh joiner, both run until ``target``: the snapshot became
+    the swarm's state bit for bit, the revision continued, the joiner caught up, both end bit-identical."""
+    rounds = [e for e in resumed if e.get("event") == "round"]
+    assert rounds[0]["kind"] == "entry" and not rounds[0]["adopted"]   # the snapshot became the swarm's state
+    assert rounds[0]["digest"] == held[revision]                        # bit for bit what the swarm held
+    committed = [e["revision"] for e in rounds if e["committed"] and e["kind"] != "entry"]
+    assert committed == list(range(revision + 1, target + 1))           # the revision continues
+    assert next(e for e in joiner if e.get("event") == "round")["adopted"]
+    done = [next(e for e in lines if e.get("event") == "done") for lines in (resumed, joiner)]
+    assert done[0]["revision"] == done[1]["revision"] == target and done[0]["digest"] == done[1]["digest"]

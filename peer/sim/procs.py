@@ -155,6 +155,26 @@ class LocalProcs:
                 proc.popen.wait(timeout=max(1.0, deadline - time.monotonic()))
                 return line
 
+    def until(self, name: str, event: str, timeout: float) -> dict[str, Any]:
+        """Read a process's JSON lines (all kept in its ``lines``) until one with this ``event``."""
+        proc = self.procs[name]
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._read_line(proc, max(0.1, deadline - time.monotonic()))
+            if line.get("event") == event:
+                return line
+
+    def drain(self, name: str) -> list[dict[str, Any]]:
+        """After a process exited (e.g. SIGKILLed): its remaining complete JSON lines, appended to its
+        ``lines`` (a line cut short by the kill is left out)."""
+        proc = self.procs[name]
+        if proc.alive or proc.popen.stdout is None:
+            raise RuntimeError(f"{name} is still running")
+        complete = proc.popen.stdout.read().split("\n")[:-1]   # the last piece has no newline: cut short
+        out = [json.loads(line) for line in complete if line.strip()]
+        proc.lines.extend(out)
+        return out
+
     def records(self, names: Optional[list[str]] = None) -> list[dict[str, Any]]:
         out = []
         for name, proc in self.procs.items():

@@ -50,4 +50,15 @@ def test_api_resume_after_losing_every_peer(inproc: InProcess, tmp_path: Path) -
 
 def test_train_swarm_has_the_snapshot_flags() -> None:
     a = build_parser().parse_args(["--bootstrap", "--snapshot-dir", "s", "--snapshot-every", "3", "--resume", "r"])
-    assert (a.snapshot_dir, a.snapshot_every, a.resume) == ("s", 3, "r")
+    assert (a.snapshot_dir, a.snapshot_every, a.resume) == ("s", 3, ["r"])
+
+
+def test_swarmtrain_peer_has_the_training_workload_and_snapshot_flags() -> None:
+    from peer.cli import build_parser as cli_parser, diloco_config_from_args
+
+    a = cli_parser().parse_args(["peer", "--bootstrap", "--workload", "train", "--task", "m:f", "--task-arg",
+                                 "width=8", "--resume", "r1", "--resume", "r2", "--inner-steps", "4",
+                                 "--codec", "int8"])
+    assert (a.workload, a.task, a.task_arg, a.resume) == ("train", "m:f", ["width=8"], ["r1", "r2"])
+    cfg = diloco_config_from_args(a)
+    assert (cfg.inner_steps, cfg.codec, cfg.outer_lr) == (4, "int8", 0.7)   # unset: DiLoCo's defaults

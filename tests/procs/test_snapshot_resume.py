@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from recovery.snapshot import open_snapshot
+from tests.helpers import check_resumed, corrupt_copy
 from tests.procs.test_local_group import BATCH, H, LR, MU, OUTER_LR, launch_machine
 
 pytestmark = pytest.mark.timeout(300)  # 5 processes importing torch: ~25 s each on a loaded 2-core box
@@ -48,14 +49,9 @@ def test_kill_every_peer_then_resume_the_swarm_from_snapshots(tmp_path: Path) ->
     held = {e["revision"]: e["digest"] for e in first.lines[0] if e.get("event") == "round" and e["committed"]}
 
     # a corrupted snapshot is refused, naming the file
-    bad = tmp_path / "bad"
-    shutil.copytree(snap.path, bad)
-    victim = bad / snap.entries["outer/0.weight"].file
-    raw = bytearray(victim.read_bytes())
-    raw[0] ^= 0xFF
-    victim.write_bytes(bytes(raw))
-    refused = launch_machine(tmp_path, "refused", 1, args(tmp_path, 0, ["--bootstrap", "--resume", str(bad),
-                                                                        "--outer-steps", "1000"]))
+    victim = corrupt_copy(snap.path, tmp_path / "bad", snap.entries["outer/0.weight"].file)
+    refused = launch_machine(tmp_path, "refused", 1, args(tmp_path, 0, ["--bootstrap", "--resume",
+                                                                        str(victim.parent), "--outer-steps", "1000"]))
     try:
         assert refused.procs[0].wait(120) != 0
         assert "SnapshotCorrupt" in refused.tail(0) and str(victim) in refused.tail(0)
@@ -74,18 +70,11 @@ def test_kill_every_peer_then_resume_the_swarm_from_snapshots(tmp_path: Path) ->
         addr = resumed.until(0, "listening", 120)["addr"].removeprefix("tcp://")
         joiner = launch_machine(tmp2, "b2", 1, args(tmp2, 1, ["--join", addr, "--outer-steps", str(target)]))
         try:
-            done = [resumed.until(0, "done", 150), joiner.until(0, "done", 150)]
+            resumed.until(0, "done", 150)
+            joiner.until(0, "done", 150)
         finally:
             joiner.close()
     finally:
         resumed.close()
-    rounds = [e for e in resumed.lines[0] if e.get("event") == "round"]
-    entry = rounds[0]
-    assert entry["kind"] == "entry" and not entry["adopted"]       # the snapshot became the swarm's state
-    assert entry["digest"] == held[snap.revision]                   # bit for bit what the swarm held
-    committed = [e["revision"] for e in rounds if e["committed"] and e["kind"] != "entry"]
-    assert committed == list(range(snap.revision + 1, target + 1))  # the revision continues
-    joiner_entry = next(e for e in joiner.lines[0] if e.get("event") == "round")
-    assert joiner_entry["adopted"]
-    assert done[0]["revision"] == done[1]["revision"] == target and done[0]["digest"] == done[1]["digest"]
+    check_resumed(resumed.lines[0], joiner.lines[0], held, snap.revision, target)
     assert open_snapshot(tmp2 / "snap0").revision == target

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from recovery.snapshot import (MANIFEST, SnapshotConflict, SnapshotCorrupt, SnapshotNotFound, SnapshotStale,
-                               TensorSpec, check_not_older, join_flat, list_snapshots, merge, open_snapshot,
-                               regroup, split_flat, write_snapshot)
+                               TensorSpec, check_not_older, join_flat, list_snapshots, merge, open_newest,
+                               open_snapshot, regroup, split_flat, write_snapshot)
 from recovery.snapshot_writer import Snapshotter, SnapshotWriteFailed
 
 pytestmark = pytest.mark.timeout(30)
@@ -118,6 +118,19 @@ def test_newest_complete_snapshot_wins_and_old_ones_are_pruned(tmp_path: Path) -
     assert not dead.exists()
     with pytest.raises(SnapshotNotFound):
         open_snapshot(tmp_path / "nothing-here")
+
+
+def test_newest_among_several_peers_directories(tmp_path: Path) -> None:
+    write_snapshot(tmp_path / "a", 3, specs(3))
+    write_snapshot(tmp_path / "b", 5, specs(5))
+    (tmp_path / "empty").mkdir()   # a peer that never wrote: passed over
+    assert open_newest([tmp_path / "a", tmp_path / "empty", tmp_path / "b"]).revision == 5
+    assert open_newest(str(tmp_path / "a")).revision == 3
+    with pytest.raises(SnapshotNotFound):
+        open_newest([tmp_path / "empty"])
+    (tmp_path / "b" / "rev-000000000005" / MANIFEST).write_text("{")
+    with pytest.raises(SnapshotCorrupt):   # a corrupt candidate is refused, never skipped
+        open_newest([tmp_path / "a", tmp_path / "b"])
 
 
 def test_regroup_a_pipeline_snapshot_into_another_stage_count(tmp_path: Path) -> None:
