@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -76,10 +76,14 @@ def stage_state(module: torch.nn.Module, opt: Optional[torch.optim.Optimizer], m
     return SharedState(named, revision)
 
 
-def weights_state(module: torch.nn.Module, norms: np.ndarray) -> SharedState:
-    """A stage's weights and its last gradient norms (what a rebuild needs from a neighbour)."""
+def weights_state(module: torch.nn.Module, norms: np.ndarray,
+                  extra: Optional[Mapping[str, Any]] = None) -> SharedState:
+    """A stage's weights and its last gradient norms (what a rebuild needs from a neighbour), plus ``extra``
+    named tensors it serves with them (``x/<name>``: e.g. the CheckFree+ copy of a (de)embedding it holds)."""
     named: dict[str, Any] = {f"p/{n}": p.data for n, p in module.named_parameters()}
     named["norms"] = norms
+    for n, t in (extra or {}).items():
+        named[f"x/{n}"] = t
     return SharedState(named, 0)
 
 
@@ -111,24 +115,29 @@ class NeighbourCopy:
 
 
 def fetch_neighbour(comm: Comm, copy: NeighbourCopy, module: torch.nn.Module, norms: np.ndarray,
-                    timeout: float) -> SyncResult:
-    """Copy a neighbour stage's weights and norms (hash-verified) into ``module``/``norms`` on the receivers;
-    run by the sources and the receivers of ``copy``."""
-    st = weights_state(module, norms)
+                    timeout: float, extra: Optional[Mapping[str, Any]] = None) -> SyncResult:
+    """Copy a neighbour stage's weights and norms (and ``extra``: the same names on every member; sources
+    serve theirs, receivers give buffers), hash-verified, into ``module``/``norms``/``extra`` on the
+    receivers; run by the sources and the receivers of ``copy``."""
+    st = weights_state(module, norms, extra)
     source = comm.me in copy.sources
     st.revision, st.last_synced = (1, 1) if source else (-1, -1)
     return sync(comm.group(copy.sources + copy.receivers), st,
                 "enforce_popular" if source else "receive_only", timeout=timeout)
 
 
-def neighbour_state(stage: int, module: torch.nn.Module, norms: np.ndarray,
-                    swap_partner: bool = False) -> NeighbourState:
+def neighbour_state(stage: int, module: torch.nn.Module, norms: np.ndarray, swap_partner: bool = False,
+                    extra: Optional[Mapping[str, Any]] = None) -> NeighbourState:
+    """What the rule gets from a fetched neighbour (arrays copied). ``extra``: named tensors it served with
+    its weights (e.g. a (de)embedding copy), which the rule takes for parameters no neighbour holds as blocks."""
     pre, post, rebuilt = (float(v) for v in norms[:NORM_WORDS])
     return NeighbourState(stage=stage,
                           weights={n: p.detach().numpy().copy() for n, p in module.named_parameters()},
                           grad_norm=None if np.isnan(pre) else pre,
                           grad_norm_clipped=None if np.isnan(post) else post,
-                          rebuilt=bool(rebuilt), swap_partner=swap_partner)
+                          rebuilt=bool(rebuilt), swap_partner=swap_partner,
+                          extra={n: np.array(torch.as_tensor(t).detach().numpy(), copy=True)
+                                 for n, t in (extra or {}).items()})
 
 
 def rebuild_from_neighbours(rule: Optional[StageRebuild], stage: int, num_stages: int,

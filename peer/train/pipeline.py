@@ -43,25 +43,17 @@ import torch.nn.functional as F
 
 from collectives.errors import (DeadlineExceeded, LocalError, OpAborted, StaleError, SwarmError, TooFewPeers)
 from peer.swarm import Swarm
+from peer.train.pipeline_copies import Edges
 from peer.train.pipeline_exec import ActivationError, Executor, GetBatch, LossFn, Outcome, Spec
 from peer.train.pipeline_plan import (NONE, MemberRecord, NotEnoughPeers, Order, StepPlan, identity_order,
                                       make_plan, route)
+from peer.train.pipeline_rebuild import rebuild_stage, weights_digest
 from recovery import stage as rs
 from recovery.rebuild import StageLost, StageRebuild
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-
-
-def weights_digest(weights: dict[str, np.ndarray]) -> str:
-    """SHA-256 over named arrays (sorted by name; dtype, shape and bytes)."""
-    h = hashlib.sha256()
-    for n in sorted(weights):
-        a = np.ascontiguousarray(weights[n])
-        h.update(f"{n}|{a.dtype}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def default_loss(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -102,14 +94,17 @@ class Pipeline:
     ``max_grad_norm``: clip each stage's averaged gradient to this L2 norm. ``rebuild``: what restores a stage
     that lost every replica (``recovery.rebuild.StageRebuild``); without it that raises ``StageLost``.
     ``admit_every``: admit pending joiners at every this many committed steps (and whenever a stage lacks
-    a member with its state)."""
+    a member with its state). ``copy_every``: stage modules with edge layers (``edge_in``/``edge_out`` and
+    ``body``, ``peer.train.pipeline_copies``) keep copies of them on the neighbouring stage, refreshed every
+    this many committed steps (None: 1 when the order runs another stage at an edge position, else no
+    copies; 0: none)."""
 
     def __init__(self, swarm: Swarm, stages: Sequence[torch.nn.Module], optimizer: OptimizerFactory, *,
                  micro_batches: int, example: tuple[torch.Tensor, torch.Tensor],
                  loss_fn: LossFn = default_loss, stage: Optional[int] = None, order: Optional[Order] = None,
                  max_grad_norm: Optional[float] = None, rebuild: Optional[StageRebuild] = None,
                  op_timeout: float = 60.0, join_timeout: float = 120.0, attempts: int = 20, admit_every: int = 1,
-                 on_step: Optional[Callable[[StepRecord], None]] = None) -> None:
+                 copy_every: Optional[int] = None, on_step: Optional[Callable[[StepRecord], None]] = None) -> None:
         if len(stages) < 1 or micro_batches < 1:
             raise LocalError("a pipeline needs at least one stage and one micro-batch")
         if stage is not None and not 0 <= stage < len(stages):
@@ -124,6 +119,7 @@ class Pipeline:
         self.admit_every = max(1, admit_every)
         self._specs: dict[tuple[int, ...], list[Spec]] = {}
         self.target_spec = Spec(tuple(example[1].shape), example[1].dtype)
+        self.edges = Edges(self.stages, self.order, micro_batches, copy_every)
         for m in range(2):
             self.specs(m)
         self.stage = NONE                     # the stage this peer serves (NONE until its first boundary)
@@ -138,6 +134,7 @@ class Pipeline:
         self.steps_aborted = 0
         self.bytes_sent = 0
         self.rebuilt_digest = ""              # SHA-256 of the weights of the last stage rebuilt here
+        self.rebuilds: list[dict[str, Any]] = []   # what each rebuild here used (neighbour arrays, norms)
         self.outgoing: Callable[[torch.Tensor, str], torch.Tensor] = lambda t, what: t  # tests corrupt this
         self.make_opt(list(self.stages[0].parameters()))   # torch's lazy imports now, not under op deadlines
         swarm.wait_admitted(join_timeout)
@@ -150,8 +147,8 @@ class Pipeline:
             x = self.example[0]
             out = [Spec(tuple(x.shape), x.dtype)]
             with torch.no_grad():
-                for s in order:
-                    x = self.stages[s](x)
+                for pos, s in enumerate(order):
+                    x = self.edges.forward(s, pos, x)
                     out.append(Spec(tuple(x.shape), x.dtype))
             self._specs[order] = out
         return self._specs[order]
@@ -233,10 +230,12 @@ class Pipeline:
         routes = route(plan, rec.step, self.M, self.order)
         module = self.stages[self.stage]
         module.train()
+        self.edges.train(True)
         for p in module.parameters():
             p.grad = None
+        self.edges.zero_grad()
         ex = Executor(comm, me, module, self.stage, self.specs, self.target_spec, self.order, self.loss_fn,
-                      self.M, self.op_timeout, self.outgoing)
+                      self.M, self.op_timeout, self.outgoing, self._forward)
         out = ex.run(routes, get_batch, rec.step, train=True)
         rec.compute_s, rec.wait_s, rec.micro_batches, rec.bad_peers = out.compute_s, out.wait_s, out.mine, \
             out.bad_peers
@@ -257,6 +256,7 @@ class Pipeline:
             log.warning("%s: step %d attempt failed (epoch %d): %s", me, rec.step, plan.epoch, rec.reason[:300])
         for p in module.parameters():
             p.grad = None
+        self.edges.zero_grad()
         rec.seconds, rec.bytes_sent, rec.t = time.monotonic() - t0, self._bytes() - bytes0, time.time()
         if rec.committed:
             for r in self.recoveries:
@@ -274,11 +274,14 @@ class Pipeline:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         reps = plan.replicas[self.stage]
-        if len(reps) > 1:
+        summed = self.edges.summed(self.stage)    # edge layers: summed with their copies' gradients instead
+        own = [p.grad for p in params if id(p) not in summed]
+        if len(reps) > 1 and own:
             try:
-                comm.group(reps).all_reduce_multiple([p.grad for p in params], op="sum", timeout=self.op_timeout)
+                comm.group(reps).all_reduce_multiple(own, op="sum", timeout=self.op_timeout)
             except (OpAborted, DeadlineExceeded, LocalError) as exc:
                 out.errors.append(f"{type(exc).__name__}: gradient all-reduce: {exc}")
+        self.edges.reduce_grads(comm, plan, self.swarm.id, self.op_timeout, out.errors, self._bytes)
         if out.failed:
             return float("nan"), float("nan")
         pre = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
@@ -313,7 +316,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the step boundary
     def _record(self) -> MemberRecord:
-        return MemberRecord(self.stage, self.request, self.committed, 0)
+        return MemberRecord(self.stage, self.request, self.committed, self.edges.flags(self.stage))
 
     def _boundary(self, admit: bool = True) -> tuple[StepPlan, list[dict[str, Any]]]:
         """Gather, plan, recover. Pending joiners are admitted only at a training step's boundary
@@ -359,10 +362,10 @@ class Pipeline:
                 if me in plan.replicas[s] and len(plan.replicas[s]) > 1:
                     rs.agree_initial(comm.group(plan.replicas[s]), self._state(), self.op_timeout)
             self.committed = 0
-            return done
+            return done + self.edges.refresh(comm, plan, me, self.op_timeout, self._bytes)
         for s in plan.lost:
-            how = self._rebuild(comm, plan, s)
-            done.append(self._note(plan, s, how))
+            how, info = rebuild_stage(self, comm, plan, s)
+            done.append(self._note(plan, s, how, **info))
         for s, needy in sorted(plan.needy.items()):
             if s in plan.lost or me not in plan.replicas[s]:
                 continue
@@ -374,7 +377,7 @@ class Pipeline:
             how = "moved peer + replica copy" if moved else "replica copy"
             done.append(self._note(plan, s, how, needy=needy, seconds=time.monotonic() - t0,
                                    fetched=len(res.fetched), bytes=res.bytes_received))
-        return done
+        return done + self.edges.refresh(comm, plan, me, self.op_timeout, self._bytes)
 
     def _note(self, plan: StepPlan, s: int, how: str, **kw: Any) -> dict[str, Any]:
         joiners = [m for m in plan.needy.get(s, []) if m not in {mv for mv, _a, _b in plan.moves}]
@@ -385,33 +388,9 @@ class Pipeline:
             self.recoveries.append(entry)
         return entry
 
-    def _rebuild(self, comm: Any, plan: StepPlan, s: int) -> str:
-        """(2)/(3) of the recovery order for a stage with no surviving replica."""
-        me = self.swarm.id
-        if self.rule is None:
-            raise StageLost(s, "no surviving replica and no rebuild rule configured")
-        receivers = plan.replicas[s]
-        partner = self._swap_partner(s)
-        wanted = sorted({j for j in (s - 1, s + 1, partner) if 0 <= j < self.S and j != s and j not in plan.lost})
-        scratch: dict[int, np.ndarray] = {}
-        for j in wanted:
-            cp = rs.NeighbourCopy(j, plan.sources[j], receivers)
-            if me in cp.sources or me in cp.receivers:
-                norms = self.norms if me in cp.sources else scratch.setdefault(j, np.full(rs.NORM_WORDS, np.nan))
-                rs.fetch_neighbour(comm, cp, self.stages[j], norms, self.op_timeout)
-        if me not in receivers:
-            return "rebuild (elsewhere)"
-        neighbours = {j: rs.neighbour_state(j, self.stages[j], scratch.get(j, self.norms), j == partner)
-                      for j in wanted}
-        res = rs.rebuild_from_neighbours(self.rule, s, self.S, self.stages[s], neighbours)
-        self._take_stage(s)   # a fresh optimizer state
-        self.meta[0] = res.lr_scale
-        self.norms[:] = (np.nan, np.nan, 1.0)
-        self.committed = plan.committed
-        log.warning("%s: rebuilt stage %d from stages %s (%s%s)", me, s, wanted, res.how,
-                    ", degraded" if res.degraded else "")
-        self.rebuilt_digest = weights_digest(res.weights)
-        return f"rebuild:{res.how}" + (" (degraded)" if res.degraded else "")
+    def _forward(self, pos: int, x: torch.Tensor) -> torch.Tensor:
+        """My stage at position ``pos`` (edge layers by position: ``peer.train.pipeline_copies``)."""
+        return self.edges.forward(self.stage, pos, x)
 
     def _swap_partner(self, s: int) -> int:
         """The stage that runs in ``s``'s position on the swapped micro-batches (``s`` itself if none)."""
@@ -427,10 +406,12 @@ class Pipeline:
             routes = route(plan, 0, micro_batches, self.order)
             module = self.stages[self.stage]
             module.eval()
+            self.edges.train(False)
             ex = Executor(comm, self.swarm.id, module, self.stage, self.specs, self.target_spec, self.order,
-                          self.loss_fn, micro_batches, self.op_timeout, self.outgoing)
+                          self.loss_fn, micro_batches, self.op_timeout, self.outgoing, self._forward)
             out = ex.run(routes, lambda _s, m: get_batch(-1, m), -1, train=False)
             module.train()
+            self.edges.train(True)
             vec = np.array([1.0 if out.failed else 0.0, out.loss_sum, out.losses], np.float64)
             comm.all_reduce(vec, op="sum", timeout=self.op_timeout)
         except (OpAborted, DeadlineExceeded, NotEnoughPeers) as exc:
@@ -453,6 +434,10 @@ class Pipeline:
 
     def _bytes(self) -> int:
         return int(self.swarm.stats["bytes_sent"])
+
+    def copy_stats(self) -> dict[str, Any]:
+        """The (de)embedding copies' extra memory and bytes at this peer (``Edges.stats``)."""
+        return self.edges.stats(self.stage)
 
     @property
     def steps_committed(self) -> int:

@@ -81,8 +81,11 @@ class Executor:
     def __init__(self, comm: Any, me: str, module: torch.nn.Module, stage: int,
                  specs: Callable[[int], list[Spec]], target_spec: Spec, order: Callable[[int], Sequence[int]],
                  loss_fn: LossFn, micro_batches: int, timeout: float,
-                 outgoing: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+                 outgoing: Callable[[torch.Tensor, str], torch.Tensor],
+                 forward: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> None:
         self.comm, self.me, self.module, self.stage = comm, me, module, stage
+        # (position, input) -> output: the stage run at a position (edge layers go by position)
+        self.forward: Callable[[int, torch.Tensor], torch.Tensor] = forward or (lambda _p, x: module(x))
         self.specs, self.target_spec, self.order = specs, target_spec, order
         self.loss_fn, self.M, self.timeout, self.outgoing = loss_fn, micro_batches, timeout, outgoing
         self.out = Outcome()
@@ -166,7 +169,7 @@ class Executor:
         t0 = time.perf_counter()
         if not self.out.failed:
             with torch.set_grad_enabled(train):
-                out = self.module(x)
+                out = self.forward(p, x)
                 if last:
                     assert y is not None
                     ctx.loss = self.loss_fn(out, y)

@@ -105,6 +105,7 @@ class StepPlan:
     needy: dict[int, list[str]] = field(default_factory=dict)     # members that need the stage's state
     lost: list[int] = field(default_factory=list)                 # needy stages without any source
     moves: list[tuple[str, int, int]] = field(default_factory=list)  # (member, from, to)
+    flags: dict[str, int] = field(default_factory=dict)           # each member's record flags
 
     @property
     def fresh(self) -> bool:
@@ -127,7 +128,8 @@ def make_plan(epoch: int, members: Sequence[str], records: Mapping[str, MemberRe
     for m in members:
         replicas[assignment[m]].append(m)
     committed = max((records[m].committed for m in members if m in records), default=NONE)
-    plan = StepPlan(epoch, list(members), num_stages, assignment, replicas, committed)
+    plan = StepPlan(epoch, list(members), num_stages, assignment, replicas, committed,
+                    flags={m: records[m].flags for m in members if m in records})
     for s in range(num_stages):
         if plan.fresh:
             plan.sources[s] = list(replicas[s])
