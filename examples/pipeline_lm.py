@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 
 from examples.charlm import Block, Corpus, LMConfig, load_corpus
-from peer.cli import add_peer_args, join_list, peer_config_from_args, setup_logging
+from peer.cli import add_peer_args, add_snapshot_args, join_list, peer_config_from_args, setup_logging
 from peer.swarm import Swarm, new_peer_id
 from peer.train.pipeline import Pipeline, StageLost, StepRecord, weights_digest
+from peer.train.pipeline_snapshots import StageLayout, open_union, resume_and_snapshot
 from recovery.rebuild import StageRebuild
 
 log = logging.getLogger("pipeline_lm")
@@ -188,6 +189,7 @@ def dump_rebuilds(path: str, pipe: Pipeline) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_peer_args(ap)
+    add_snapshot_args(ap)  # --snapshot-dir/-every/-keep; --resume DIR (repeat: the union), with --wait-for
     t = ap.add_argument_group("pipeline")
     t.add_argument("--stage", type=int, default=None, help="ask to serve this stage")
     t.add_argument("--steps", type=int, default=200, help="stop when the swarm has committed this many steps")
@@ -267,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     corpus = load_corpus() if a.data == "stdlib" else synthetic_corpus(seed=a.seed)
     cfg = LMConfig(block=a.block, width=a.width)
     stages = make_stages(cfg, a.stages, a.blocks_per_stage, a.seed)
+    layout = StageLayout.numbered(stages)  # stage-count-independent names (peer.train.pipeline_snapshots)
+    union = open_union(a.resume, layout) if a.resume else None  # an incomplete union: refused here
     get_batch = batches(corpus, a.micro_batch, a.block, a.seed)
     out = Output(pid, a.events)
     torch.optim.AdamW(stages[0].parameters())   # torch's lazy optimizer imports, before joining
@@ -307,6 +311,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         max_grad_norm=a.max_grad_norm, rebuild=rebuild_rule(a.rebuild),
                         order=stage_order(a.rebuild, a.stages), op_timeout=a.op_timeout, join_timeout=600,
                         admit_every=a.admit_every, copy_every=a.copy_every, on_step=on_step)
+        snaps = resume_and_snapshot(pipe, layout, union, a.snapshot_dir, a.snapshot_every, a.snapshot_keep)
         try:
             if a.wait_for:   # the initial peers (a joiner's first call must be step, as the members')
                 v0 = pipe.evaluate(get_batch, a.eval_batches)
@@ -323,6 +328,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 3
         if a.dump_rebuild:   # before "done": whoever waits for it finds the file complete
             dump_rebuilds(a.dump_rebuild, pipe)
+        if snaps is not None:
+            snaps.close()   # the last snapshot is on disk
         st = swarm.stats
         out.event({"event": "done", "stage": pipe.stage, "steps": pipe.committed, "digest": pipe.digest(),
                    "aborted": pipe.steps_aborted, "bytes_sent": st["bytes_sent"],

@@ -188,7 +188,8 @@ def check_spec(spec: TensorSpec) -> np.ndarray:
     for v in spec.meta.values():
         if not isinstance(v, (str, int, float, bool)):
             raise LocalError(f"{spec.name}: meta values must be str, int, float or bool")
-    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+    out = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    return out if out.flags.c_contiguous else np.ascontiguousarray(out)   # (ascontiguousarray makes 0-d 1-d)
 
 
 def write_snapshot(root: PathLike, revision: int, specs: Sequence[TensorSpec],

@@ -345,6 +345,12 @@ class Pipeline:
         self.stage, self.meta[:] = s, 1.0
         self.norms[:] = np.nan
 
+    def start_at(self, stage: int, committed: int) -> None:
+        """Before the first step: serve ``stage`` as of ``committed`` steps (a resume from snapshots: the
+        caller loads the weights and optimizer state next, ``peer.train.pipeline_snapshots``)."""
+        self._take_stage(stage)
+        self.committed = committed
+
     def _recover(self, plan: StepPlan) -> list[dict[str, Any]]:
         """Give every member the state of the stage it is assigned, in the recovery order; the same
         sequence of sub-group ops on every member (each runs the ones it belongs to)."""

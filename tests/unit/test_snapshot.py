@@ -25,7 +25,8 @@ def specs(seed: int = 0) -> list[TensorSpec]:
             TensorSpec("outer", "l1.bias", rng.standard_normal(3).astype(np.float32)),
             TensorSpec("momentum", "l1.weight", rng.standard_normal((3, 4)).astype(np.float32)),
             TensorSpec("other", "step", np.array([7], np.int64)),
-            TensorSpec("other", "empty", np.zeros((0, 5), np.float16))]
+            TensorSpec("other", "empty", np.zeros((0, 5), np.float16)),
+            TensorSpec("other", "scalar", np.array(3.5, np.float32))]   # 0-d (Adam's step) stays 0-d
 
 
 def test_round_trip_bytes_dtypes_shapes_and_meta(tmp_path: Path) -> None:
