@@ -9,8 +9,9 @@ is the number of committed pipeline steps. Recovery order (``restore``'s callers
    shared-state sync over their sub-group: hash-verified, fetched from every source in parallel; the
    weights *and* the optimizer state arrive exactly.
 2. ``rebuild_from_neighbours``: no replica survives. The neighbouring stages' weights (and their last
-   gradient norms) are copied, hash-verified, into the rebuilding member's own copies of those stages; a
-   ``StageRebuild`` rule computes the lost stage's weights; its optimizer state starts fresh.
+   gradient norms, and any ``extra`` tensors they serve, e.g. CheckFree+ (de)embedding copies) are copied,
+   hash-verified, into the rebuilding member's own copies of those stages; a ``StageRebuild`` rule computes
+   the lost stage's weights; its optimizer state starts fresh.
 3. Neither: ``StageLost`` names the stage.
 
 This module does not import ``peer``: ``comm`` is any communicator with the ``shared_state.Comm`` methods.

@@ -18,7 +18,8 @@ trains only its own. One step, the same on every member::
     boundary   admit pending joiners (update_topology); all-gather (held stage, requested stage, committed
                steps); plan = assignment + who needs which stage's state (peer.train.pipeline_plan);
                recovery (recovery.stage): replica copy through the shared-state sync, else a StageRebuild
-               from the neighbours, else StageLost; every later op is pinned to this epoch
+               from the neighbours (peer.train.pipeline_rebuild), else StageLost; then the edge-layer
+               copies are refreshed when due (peer.train.pipeline_copies); every later op is pinned to this epoch
     micro      route each micro-batch through one replica per stage; forward all, then backward (GPipe);
                activations and gradients by point-to-point send/recv (peer.train.pipeline_exec)
     reduce     per stage: sum of the replicas' gradients (each micro-batch's loss is scaled by 1/M, so the
