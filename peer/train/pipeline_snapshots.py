@@ -87,6 +87,14 @@ class StageLayout:
             offset += count
         return cls(names, shapes)
 
+    @classmethod
+    def per_stage(cls, stages: Sequence[torch.nn.Module]) -> "StageLayout":
+        """``<stage>.<local name>``: for stages whose modules repeat names (such snapshots resume only into the
+        same stage count)."""
+        names = [{n: f"{s}.{n}" for n, _ in m.named_parameters()} for s, m in enumerate(stages)]
+        shapes = {f"{s}.{n}": tuple(p.shape) for s, m in enumerate(stages) for n, p in m.named_parameters()}
+        return cls(names, shapes)
+
     @property
     def num_stages(self) -> int:
         return len(self.names)
@@ -291,6 +299,9 @@ def _take(pipe: Pipeline, layout: StageLayout, s: int, revision: int,
                 for k, a in optim[layout.names[s][n]].items():
                     state[p][k].copy_(torch.from_numpy(a))
     pipe.meta[0] = lr_scale
+    for e in pipe.edges.edges:   # CheckFree+ copies are not in snapshots: the COPY_STALE flag of a holder
+        if e.holder == s:        # makes the first step's boundary refresh them from their resumed owners
+            e.stale = True
     if not match:
         log.warning("%s: the snapshot's optimizer state does not match stage %d's optimizer: it starts fresh",
                     pipe.swarm.id, s)

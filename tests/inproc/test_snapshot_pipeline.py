@@ -203,3 +203,42 @@ def test_the_example_stages_have_stage_count_independent_names() -> None:
     assert a.shapes == b.shapes and sorted(a.all_names()) == sorted(b.all_names())
     assert {g for g in b.names[3].values()} >= {"blocks.3.qkv.weight"}
     assert np.unique([a.stage_of[g] for g in b.names[3].values()]).tolist() == [1]
+
+
+def test_checkfree_plus_copies_are_refreshed_from_the_resumed_owners(inproc: InProcess, tmp_path: Path) -> None:
+    """CheckFree+ (swapped order, edge copies refreshed every 2 steps): the copies are not in snapshots, so a
+    resumed holder refreshes its copy at the first step although step 3 is no refresh step: its copy is then
+    exactly the owner's snapshotted edge layer."""
+    from tests.inproc.test_pipeline_copies import edge_stages, plus_order, tokens
+    from tests.inproc.test_pipeline_copies import make_opt as edge_opt
+
+    def run(swarm: Swarm, stage: int, until: int, snap_dir: Path, resume: Optional[list[Path]] = None) -> Pipeline:
+        stages = edge_stages(2, seed=10 + stage)
+        layout = StageLayout.per_stage(stages)            # both stages have a "lin"
+        pipe = Pipeline(swarm, stages, edge_opt, micro_batches=M, example=tokens(0, 0), order=plus_order(2),
+                        stage=stage, copy_every=2, op_timeout=20.0)
+        snaps = resume_and_snapshot(pipe, layout, open_union(resume, layout) if resume else None, snap_dir)
+        assert snaps is not None
+        try:
+            while pipe.committed < until:
+                pipe.step(tokens)
+        finally:
+            snaps.close()
+        return pipe
+
+    _, peers = form_swarm(inproc, 2)
+    dirs = [tmp_path / f"plus-{i}" for i in range(2)]
+    first = run_all([partial(run, p, i, K, dirs[i]) for i, p in enumerate(peers)], timeout=80)
+    assert all(isinstance(p, Pipeline) for p in first), first
+    lose_everyone(inproc)
+    _, peers = form_swarm(inproc, 2)
+    again = run_all([partial(run, p, i, K + 1, tmp_path / f"again-{i}", dirs) for i, p in enumerate(peers)],
+                    timeout=80)
+    assert all(isinstance(p, Pipeline) for p in again), again
+    held = open_snapshot(dirs[0])
+    assert held.revision == K
+    holder = next(p for p in again if p.stage == 1)
+    emb = next(e for e in holder.edges.edges if e.holder == 1)
+    assert emb.rev == K                                   # refreshed at the first step after the resume
+    for n, c in emb.copy.named_parameters():
+        assert c.detach().numpy().tobytes() == held.load(f"stage/0.edge_in.{n}").tobytes(), n
