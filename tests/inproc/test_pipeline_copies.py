@@ -202,3 +202,35 @@ def test_first_stage_lost_rebuilt_by_swap_copy(inproc: InProcess) -> None:
     # the head copy that stage 0 holds was refreshed on the new member (the last step's boundary: rev 4)
     head = next(e for e in jp.edges.edges if e.holder == 0)
     assert head.rev == 4 and not head.stale
+
+
+def test_copies_refreshed_every_k_steps(inproc: InProcess) -> None:
+    """``copy_every=2``: the copies move only at boundaries where the committed count is even (between them
+    the holder runs the swapped micro-batches on the older copy; every step still commits), and the copy is
+    exactly the owner's embedding after the commit of its refresh point."""
+    _, peers = form_swarm(inproc, 2)
+    steps = 5
+    after: dict[int, dict[str, torch.Tensor]] = {}       # committed steps -> the owner's embedding
+    live: dict[str, Pipeline] = {}
+
+    def on_step(r: StepRecord) -> None:
+        pipe = live["p0"]
+        if r.committed:
+            assert pipe.stages[0].edge_in is not None
+            after[pipe.committed] = {n: p.detach().clone() for n, p in pipe.stages[0].edge_in.named_parameters()}
+
+    def owner() -> Pipeline:
+        live["p0"] = pipe = pipeline(peers[0], 2, stage=0, copy_every=2, on_step=on_step)
+        while pipe.committed < steps:
+            pipe.step(tokens)
+        return pipe
+
+    pipes = run_all([owner, partial(train, peers[1], steps, 2, stage=1, copy_every=2)], timeout=80)
+    assert all(isinstance(p, Pipeline) for p in pipes), pipes
+    holder = pipes[1]
+    emb = next(e for e in holder.edges.edges if e.holder == 1)
+    st = holder.copy_stats()
+    assert st["every"] == 2 and emb.rev == 4 and st["refreshes"] == 3      # at committed 0, 2, 4
+    assert [r.step for r in pipes[0].history if r.committed] == list(range(steps))
+    for n, c in emb.copy.named_parameters():
+        assert torch.equal(c, after[4][n]) and not torch.equal(c, after[5][n]), n
