@@ -48,8 +48,14 @@ class Stage(torch.nn.Module):
 
 
 def make_stages(num: int, seed: int = 0) -> list[torch.nn.Module]:
-    torch.manual_seed(seed)
-    return [Stage(BLOCKS // num, i == 0, i == num - 1) for i in range(num)]
+    """Weights from a generator of ``seed`` (not torch's global one: peers build theirs in threads)."""
+    g = torch.Generator().manual_seed(seed)
+    stages: list[torch.nn.Module] = [Stage(BLOCKS // num, i == 0, i == num - 1) for i in range(num)]
+    with torch.no_grad():
+        for st in stages:
+            for p in st.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return stages
 
 
 def get_batch(step: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +147,7 @@ def test_two_stages_resume_as_three_and_back_as_two(inproc: InProcess, tmp_path:
     held: dict[str, bytes] = {}
     for p, _ in first:
         held.update(global_weights(p.stages, StageLayout.numbered(p.stages), [p.stage]))
+    assert held == reference(K)[0]                              # (1 replica per stage: one process's bits)
     lose_everyone(inproc)
 
     # the union of the survivors' directories: complete only with both stages' snapshots
