@@ -115,7 +115,7 @@ class FailoverMixin:
         if not self.reform_candidates:
             self._become_stale(wire.Stale(self.term, self.epoch, self.coord_id, self.coord_addr or self.addr,
                                           "no successor reachable"), now)
-            self.engine.fail_all(lambda: CoordinatorUnavailable("no coordinator reachable"))
+            self._apply(self.engine.fail_all(lambda: CoordinatorUnavailable("no coordinator reachable")))
             return
         cand = self.reform_candidates[0]
         rejoin = wire.Rejoin(self.reform_term, self.epoch, self.addr, tuple(self.engine.recent_committed),

@@ -29,7 +29,7 @@ from collectives.errors import (CoordinatorUnavailable, LocalError, ProtocolErro
                                 WireError)
 from collectives.transport import Bad, LinkEvent, Received, Transport
 from peer.config import PeerConfig, normalize_addr
-from peer.core.actions import Action, Connect, Drop, Out
+from peer.core.actions import Action, Connect, Data, Drop, Out, Suspect, ToCoordinator
 from peer.core.coordinator import CoordinatorCore
 from peer.handle import Handle
 from peer.logs import peer_log
@@ -75,7 +75,7 @@ class Node(FailoverMixin):
         self.reform_deadline = 0.0
         self.early_rejoins: list[tuple[str, wire.Rejoin]] = []
         self.engine = OpEngine(self.id, cfg.slice_bytes, cfg.parity_digest, cfg.max_early_bytes,
-                               self._send, self._to_coordinator, self._suspect, clock=time.monotonic)
+                               clock=time.monotonic)
         self.admitted = threading.Condition()
         self.topology_waiters: list[Handle] = []
         self.events: list[tuple[float, str, str]] = []  # (wall time, kind, detail): membership history
@@ -157,7 +157,7 @@ class Node(FailoverMixin):
         except Exception as exc:  # the I/O thread must never die silently (I5)
             self.log.exception("I/O thread crashed")
             self.error = exc
-            self.engine.fail_all(lambda: LocalError(f"peer I/O thread crashed: {exc!r}"))
+            self._apply(self.engine.fail_all(lambda: LocalError(f"peer I/O thread crashed: {exc!r}")))
             self._wake_waiters(LocalError(f"peer I/O thread crashed: {exc!r}"))
 
     def _note(self, kind: str, detail: str) -> None:
@@ -185,9 +185,14 @@ class Node(FailoverMixin):
         self._to_coordinator(wire.Suspect(self.term, self.epoch, peer, wire.clip(reason)))
 
     def _apply(self, actions: list[Action]) -> None:
+        """Do what a core asked, in order: the one place where the cores' decisions become I/O."""
         for a in actions:
-            if isinstance(a, Out):
-                self._send(a.to, a.msg)
+            if isinstance(a, (Out, Data)):
+                self._send(a.to, a.msg, a.payload if isinstance(a, Data) else None)
+            elif isinstance(a, ToCoordinator):
+                self._to_coordinator(a.msg)
+            elif isinstance(a, Suspect):
+                self._suspect(a.peer, a.reason)
             elif isinstance(a, Connect):
                 self.addrs[a.peer] = a.addr
                 if a.peer != self.id:
@@ -195,6 +200,7 @@ class Node(FailoverMixin):
             elif isinstance(a, Drop):
                 if a.peer not in self.members and a.peer != self.coord_id:
                     self.transport.disconnect(a.peer)
+        self.engine.flush()  # checksums of the slices just forwarded, while they are warm
 
     # ------------------------------------------------------------------ events
     def _on_event(self, ev: Any, now: float) -> None:
@@ -204,7 +210,7 @@ class Node(FailoverMixin):
             except (WireError, ProtocolError) as exc:  # a peer's fault: drop it, keep serving the rest
                 self._on_event(Bad(ev.sender, WireError(str(exc))), now)
         elif isinstance(ev, LinkEvent) and ev.kind == "data_lost":
-            self.engine.link_lost(ev.peer, now)
+            self._apply(self.engine.link_lost(ev.peer, now))
         elif isinstance(ev, LinkEvent):
             if ev.kind == "refused":
                 self.dead.add(ev.peer)  # proof (its host refused): it cannot be in any swarm
@@ -229,9 +235,9 @@ class Node(FailoverMixin):
 
     def _on_message(self, sender: str, msg: wire.Message, payload: Any, now: float) -> None:
         if isinstance(msg, wire.Chunk):
-            self.engine.on_chunk(sender, msg, payload, now)
+            self._apply(self.engine.on_chunk(sender, msg, payload, now))
         elif isinstance(msg, wire.P2PAck):
-            self.engine.on_ack(sender, msg, now)
+            self._apply(self.engine.on_ack(sender, msg, now))
         elif isinstance(msg, wire.BwProbe):
             rate = self.probes.on_probe(sender, msg, payload)
             if rate is not None and self.state is NodeState.MEMBER:
@@ -303,7 +309,7 @@ class Node(FailoverMixin):
         elif isinstance(msg, wire.EpochUpdate):
             self._on_epoch(sender, msg, now)
         elif isinstance(msg, wire.OpVerdict):
-            self.engine.on_verdict(msg, now)
+            self._apply(self.engine.on_verdict(msg, now))
         elif isinstance(msg, wire.TopologyDone):
             self._wake_waiters(None)
 
@@ -353,7 +359,7 @@ class Node(FailoverMixin):
         for m in old - set(self.members):
             if m != self.coord_id:
                 self.transport.disconnect(m)
-        self.engine.new_epoch(msg.term, msg.epoch, self.members, msg.reason)
+        self._apply(self.engine.new_epoch(msg.term, msg.epoch, self.members, msg.reason))
         if self.cfg.bandwidth_probes:
             self.probes.probe_new(self.id, self.epoch, self.members)
         self._note("epoch", f"{msg.epoch} {','.join(self.members)} ({msg.reason})")
@@ -388,7 +394,7 @@ class Node(FailoverMixin):
         self.state = NodeState.STALE
         self._note("stale", msg.reason)
         self.log.warning("stale (%s); rejoin to take part again", msg.reason)
-        self.engine.fail_all(lambda: StaleError(f"{self.id} is stale: {msg.reason}"))
+        self._apply(self.engine.fail_all(lambda: StaleError(f"{self.id} is stale: {msg.reason}")))
         self._wake_waiters(StaleError(f"{self.id} is stale: {msg.reason}"))
         with self.admitted:
             self.admitted.notify_all()
@@ -411,7 +417,7 @@ class Node(FailoverMixin):
                                               "no quorum to re-form"), now)
             elif self.coord.lost_quorum:
                 self._step_down(now)
-        self.engine.tick(now, self.t.op_progress_timeout)
+        self._apply(self.engine.tick(now, self.t.op_progress_timeout))
         if self.state in (NodeState.MEMBER, NodeState.PENDING) and self.coord_id:
             if now - self._last_hb >= self.t.heartbeat_interval:
                 self._last_hb = now
@@ -444,7 +450,11 @@ class Node(FailoverMixin):
                                     reason="not admitted") if self.state is NodeState.REFORMING
                         else LocalError(f"{self.id} is not a member (state {self.state})"))
         else:
-            self.engine.issue(spec, handle, time.monotonic())
+            self._apply(self.engine.issue(spec, handle, time.monotonic()))
+
+    def abort_op(self, handle: Handle, reason: str) -> None:
+        """Ask the swarm to abort the op behind ``handle`` (its caller gave up)."""
+        self._apply(self.engine.request_abort_for(handle, reason, time.monotonic()))
 
     def submit_topology(self, handle: Handle) -> None:
         if self.state is NodeState.STALE:
@@ -460,5 +470,5 @@ class Node(FailoverMixin):
         if self.state in (NodeState.MEMBER, NodeState.PENDING):
             self._to_coordinator(wire.Leave(self.term, self.epoch))
         self.state = NodeState.LEFT
-        self.engine.fail_all(lambda: LocalError("left the swarm"))
+        self._apply(self.engine.fail_all(lambda: LocalError("left the swarm")))
         handle.resolve(None)

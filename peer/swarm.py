@@ -80,7 +80,7 @@ class Communicator:
 
     def _abort(self, handle: Handle) -> None:
         node = self._node
-        node.call(lambda: node.engine.request_abort_for(handle, "caller deadline", time.monotonic()))
+        node.call(node.abort_op, handle, "caller deadline")
 
     @staticmethod
     def _views(ts: Sequence[Any]) -> tuple[list[np.ndarray], str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from collectives import wire
 
@@ -28,4 +28,26 @@ class Drop:
     peer: str
 
 
-Action = Union[Out, Connect, Drop]
+@dataclass
+class Data:
+    """Send ``msg`` (a tensor chunk or an ack) to peer ``to`` with ``payload``, a buffer sent zero-copy: the
+    op engine never writes it again."""
+    to: str
+    msg: wire.Message
+    payload: Any = None
+
+
+@dataclass
+class ToCoordinator:
+    """Send ``msg`` to the current coordinator (dropped while there is none)."""
+    msg: wire.Message
+
+
+@dataclass
+class Suspect:
+    """Report ``peer`` to the coordinator as faulty (bad data, a protocol breach), with the reason."""
+    peer: str
+    reason: str
+
+
+Action = Union[Out, Connect, Drop, Data, ToCoordinator, Suspect]

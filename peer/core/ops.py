@@ -1,8 +1,12 @@
 """Collective ops inside a peer: issue, feed chunks, ask for the verdict, apply on commit.
 
-The engine lives in the node's I/O thread. It owns no sockets: it calls ``send(to, msg, payload)`` and
-``to_coordinator(msg)`` given by the node. Results are computed into private buffers; the caller's buffers
-are written only when the coordinator's verdict is *commit* (I2: an aborted op leaves them untouched).
+The engine lives in the node's I/O thread and owns no sockets. Every entry point returns the actions it wants
+done (``peer.core.actions``: ``Data`` to a peer, ``ToCoordinator``, ``Suspect``), and the node applies them in
+one place, then calls ``flush()``: the parity checksums of the slices just forwarded are computed after the
+sends went out, while the bytes are warm. So one all-reduce reads top to bottom: ``issue`` (the first sends)
+-> ``on_chunk`` per received slice (reduce, forward) -> ``OpDone`` to the coordinator -> ``on_verdict``
+(commit: the one write into the caller's buffer). Results are computed into private buffers; the caller's
+buffers are written only when the verdict is *commit* (I2: an aborted op leaves them untouched).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from collectives import codecs, ring, wire
 from collectives.errors import (LocalError, OpAborted, OpTimeout, PeerLost, ProtocolError, RemoteError,
                                 TooFewPeers, WireError)
+from peer.core.actions import Action, Data, Suspect, ToCoordinator
 from peer.handle import Handle
 
 log = logging.getLogger(__name__)
@@ -83,15 +88,14 @@ class BufferPool:
 
 class OpEngine:
     def __init__(self, me: str, slice_bytes: int, parity_digest: bool, max_early_bytes: int,
-                 send: Callable[[str, wire.Message, Any], None],
-                 to_coordinator: Callable[[wire.Message], None],
-                 suspect: Callable[[str, str], None], clock: Optional[Callable[[], float]] = None) -> None:
+                 clock: Optional[Callable[[], float]] = None) -> None:
         self.me = me
         self._clock = clock  # the driver's clock, read only for metrics (None: the op's last progress time)
         self.slice_bytes = slice_bytes
         self.parity_digest = parity_digest
         self.max_early_bytes = max_early_bytes
-        self._send, self._to_coord, self._suspect = send, to_coordinator, suspect
+        self._out: list[Action] = []      # what the current entry point asks the driver to do
+        self._unflushed: list[Any] = []   # ring cores with slices to checksum once their sends went out
         self.ops: dict[tuple[int, str, int], OpRecord] = {}
         self.early: dict[tuple[int, str, int], list[tuple[str, wire.Chunk, Any]]] = {}
         self.early_bytes = 0
@@ -110,7 +114,26 @@ class OpEngine:
         self.pool = BufferPool()
 
     # ------------------------------------------------------------------ membership changes
-    def new_epoch(self, term: int, epoch: int, members: list[str], reason: str) -> None:
+    def _take(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _send(self, to: str, msg: wire.Message, payload: Any) -> None:
+        self._out.append(Data(to, msg, payload))
+
+    def _to_coord(self, msg: wire.Message) -> None:
+        self._out.append(ToCoordinator(msg))
+
+    def _suspect(self, peer: str, reason: str) -> None:
+        self._out.append(Suspect(peer, reason))
+
+    def flush(self) -> None:
+        """Checksum the slices forwarded by the actions just applied (call after applying them)."""
+        cores, self._unflushed = self._unflushed, []
+        for core in cores:
+            core.flush()
+
+    def new_epoch(self, term: int, epoch: int, members: list[str], reason: str) -> list[Action]:
         self.term, self.epoch, self.members = term, epoch, list(members)
         self.seq.clear()
         self.early_aborts.clear()
@@ -121,21 +144,24 @@ class OpEngine:
                                            reason=reason, key=wire.op_key(*key)))
         for key in [k for k in self.early if k[0] < epoch]:
             self._drop_early(key)
+        return self._take()
 
-    def fail_all(self, error_factory: Callable[[], BaseException]) -> None:
+    def fail_all(self, error_factory: Callable[[], BaseException]) -> list[Action]:
         for rec in list(self.ops.values()):
             self._finish(rec, error_factory())
+        return self._take()
 
     def awaiting_keys(self) -> list[str]:
         return [wire.op_key(*k) for k, r in self.ops.items()
                 if r.state == "awaiting" or (r.state == "failing" and r.completed)]  # may have committed
 
     # ------------------------------------------------------------------ issuing
-    def issue(self, spec: OpSpec, handle: Handle, now: float) -> None:
+    def issue(self, spec: OpSpec, handle: Handle, now: float) -> list[Action]:
         try:
             self._issue(spec, handle, now)
         except (LocalError, OpAborted) as exc:
             handle.fail(exc)
+        return self._take()
 
     def _issue(self, spec: OpSpec, handle: Handle, now: float) -> None:
         if spec.epoch is not None and spec.epoch != self.epoch:
@@ -193,7 +219,7 @@ class OpEngine:
             core.checksum = self.parity_digest
             for s in core.start():
                 self._send(s.to, s.msg, s.payload)
-            core.flush()
+            self._unflushed.append(core)
         for sender, msg, payload in self._take_early(key):
             if key not in self.ops:
                 break
@@ -201,7 +227,11 @@ class OpEngine:
         self._check_done(rec, now)
 
     # ------------------------------------------------------------------ data
-    def on_chunk(self, sender: str, msg: wire.Chunk, payload: Any, now: float) -> None:
+    def on_chunk(self, sender: str, msg: wire.Chunk, payload: Any, now: float) -> list[Action]:
+        self._on_chunk(sender, msg, payload, now)
+        return self._take()
+
+    def _on_chunk(self, sender: str, msg: wire.Chunk, payload: Any, now: float) -> None:
         key = (msg.epoch, msg.group, msg.seq)
         rec = self.ops.get(key)
         if rec is not None:
@@ -224,7 +254,11 @@ class OpEngine:
         self.early_bytes += size
         self.early.setdefault(key, []).append((sender, msg, payload))
 
-    def on_ack(self, sender: str, msg: wire.P2PAck, now: float) -> None:
+    def on_ack(self, sender: str, msg: wire.P2PAck, now: float) -> list[Action]:
+        self._on_ack(sender, msg, now)
+        return self._take()
+
+    def _on_ack(self, sender: str, msg: wire.P2PAck, now: float) -> None:
         rec = self.ops.get((msg.epoch, msg.group, msg.seq))
         if rec is None or not isinstance(rec.core, ring.PointToPoint):
             return
@@ -252,7 +286,7 @@ class OpEngine:
         rec.last_progress = now
         for s in sends:
             self._send(s.to, s.msg, s.payload)
-        rec.core.flush()
+        self._unflushed.append(rec.core)
 
     def _check_done(self, rec: OpRecord, now: float) -> None:
         if rec.state != "running" or (rec.core is not None and not rec.core.done):
@@ -264,6 +298,8 @@ class OpEngine:
             return
         rec.state = "awaiting"
         rec.metrics["local_done_s"] = now - rec.started
+        if rec.core is not None:
+            rec.core.flush()  # its last slices' checksums, for the digest below
         dig = rec.core.digest() if (self.parity_digest and rec.core is not None) else b""
         rec.metrics["digest"] = dig.hex()
         members = () if rec.key[1] == WORLD else rec.members
@@ -274,7 +310,11 @@ class OpEngine:
         self._to_coord(msg)
 
     # ------------------------------------------------------------------ verdicts and deadlines
-    def on_verdict(self, msg: wire.OpVerdict, now: float) -> None:
+    def on_verdict(self, msg: wire.OpVerdict, now: float) -> list[Action]:
+        self._on_verdict(msg, now)
+        return self._take()
+
+    def _on_verdict(self, msg: wire.OpVerdict, now: float) -> None:
         rec = self.ops.get((msg.epoch, msg.group, msg.seq))
         if rec is None:
             if not msg.commit and msg.epoch == self.epoch and msg.seq >= self.seq.get(msg.group, 0):
@@ -293,10 +333,11 @@ class OpEngine:
             self._finish(rec, OpAborted(f"op {wire.op_key(*rec.key)} aborted: {msg.reason}",
                                         epoch=msg.epoch, reason=msg.reason, key=wire.op_key(*rec.key)))
 
-    def request_abort_for(self, handle: Handle, reason: str, now: float) -> None:
-        for rec in self.ops.values():
+    def request_abort_for(self, handle: Handle, reason: str, now: float) -> list[Action]:
+        for rec in list(self.ops.values()):
             if rec.handle is handle:
                 self._request_abort(rec, reason, now)
+        return self._take()
 
     def _request_abort(self, rec: OpRecord, reason: str, now: float) -> None:
         if isinstance(rec.core, ring.PointToPoint):
@@ -311,15 +352,16 @@ class OpEngine:
             members = () if rec.key[1] == WORLD else rec.members
             self._ask(rec, wire.OpFail(self.term, *rec.key, wire.clip(reason), members), now)
 
-    def link_lost(self, peer: str, now: float) -> None:
+    def link_lost(self, peer: str, now: float) -> list[Action]:
         """A data connection to ``peer`` dropped: chunks in flight on it are gone (zmq does not resend after
         a reconnect), so an op with ``peer`` in it would only wait for its progress deadline. Abort it now
         (also when our own part is done: the lost chunk may have been our last one to ``peer``)."""
         for rec in list(self.ops.values()):
             if rec.state in ("running", "awaiting") and peer in rec.members and peer != self.me:
                 self._request_abort(rec, f"connection to {peer} dropped", now)
+        return self._take()
 
-    def tick(self, now: float, progress_timeout: float) -> None:
+    def tick(self, now: float, progress_timeout: float) -> list[Action]:
         for rec in list(self.ops.values()):
             if rec.state == "running" and now - rec.last_progress > progress_timeout:
                 self._request_abort(rec, f"no progress for {now - rec.last_progress:.1f}s", now)
@@ -327,6 +369,7 @@ class OpEngine:
                 # A dropped connection loses what was queued on it: ask again (the coordinator's answer to
                 # a repeat is the same verdict, or "already decided").
                 self._ask(rec, rec.request, now)
+        return self._take()
 
     # ------------------------------------------------------------------ completion
     def _commit(self, rec: OpRecord, now: float) -> None:
@@ -350,6 +393,7 @@ class OpEngine:
     def _finish(self, rec: OpRecord, error: Optional[BaseException], value: Any = None) -> None:
         self.ops.pop(rec.key, None)
         if rec.core is not None:
+            self._unflushed = [c for c in self._unflushed if c is not rec.core]  # its buffers go back now
             # Nothing was written to the caller's buffers before a commit, so an abort only drops references
             # (I2). Scratch buffers go back to the pool: every member is done (commit) or the op's remaining
             # messages are stale and dropped on arrival (abort), so reuse cannot leak into a result.

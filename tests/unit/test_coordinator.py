@@ -256,15 +256,16 @@ def test_a_member_behind_by_an_epoch_gets_the_epoch_update_again() -> None:
 def test_a_joiner_holds_data_of_the_epoch_that_admits_it_but_a_member_flags_data_far_ahead() -> None:
     from peer.core.ops import OpEngine
 
-    suspects: list[tuple[str, str]] = []
-    eng = OpEngine("j", 1 << 20, True, 1 << 20, lambda *a: None, lambda m: None,
-                   lambda p, r: suspects.append((p, r)))
+    from peer.core.actions import Suspect
+
+    eng = OpEngine("j", 1 << 20, True, 1 << 20)
     chunk = wire.Chunk(40, "w", 0, 0, 0, 0, "float32", 4)
-    eng.on_chunk("a", chunk, b"\x00" * 16, 0.0)  # its EpochUpdate (epoch 40) is still on the way
-    assert not suspects and eng.early_bytes > 0
-    eng.new_epoch(1, 20, ["a", "j"], "joined")
-    eng.on_chunk("a", wire.Chunk(40, "w", 1, 0, 0, 0, "float32", 4), b"\x00" * 16, 0.1)
-    assert suspects and suspects[0][0] == "a" and "far ahead" in suspects[0][1]
+    out = eng.on_chunk("a", chunk, b"\x00" * 16, 0.0)  # its EpochUpdate (epoch 40) is still on the way
+    assert not out and eng.early_bytes > 0
+    assert eng.new_epoch(1, 20, ["a", "j"], "joined") == []
+    out = eng.on_chunk("a", wire.Chunk(40, "w", 1, 0, 0, 0, "float32", 4), b"\x00" * 16, 0.1)
+    assert len(out) == 1 and isinstance(out[0], Suspect)
+    assert out[0].peer == "a" and "far ahead" in out[0].reason
 
 
 def test_a_member_flooding_commit_requests_for_new_ops_is_evicted() -> None:
@@ -296,16 +297,19 @@ def test_a_dropped_data_link_fails_an_op_whose_part_is_done_but_a_commit_verdict
     from peer.handle import Handle
     from peer.core.ops import OpEngine, OpRecord, OpSpec
 
-    asked: list[wire.Message] = []
-    eng = OpEngine("j", 1 << 20, True, 1 << 20, lambda *a: None, asked.append, lambda p, r: None)
+    from peer.core.actions import ToCoordinator
+
+    eng = OpEngine("j", 1 << 20, True, 1 << 20)
     eng.new_epoch(1, 3, ["a", "j"], "test")
+    asked: list[wire.Message] = []
     key = (3, "w", 0)
     for verdict in (True, False):
         h = Handle("barrier")
         rec = OpRecord(OpSpec("barrier", []), None, h, key, ("a", "j"), np.empty(0, np.float32), 0.0, 0.0,
                        state="awaiting")
         eng.ops[key] = rec
-        eng.link_lost("a", 1.0)  # our last chunk to a may have gone down with the connection
+        asked += [a.msg for a in eng.link_lost("a", 1.0) if isinstance(a, ToCoordinator)]  # our last chunk
+        # to a may have gone down with the connection
         assert isinstance(asked[-1], wire.OpFail) and rec.state == "failing"
         assert eng.awaiting_keys() == [wire.op_key(*key)]  # in doubt: a successor must resolve it
         eng.on_verdict(wire.OpVerdict(1, *key, verdict, 0, "decided before our OpFail" if verdict else "x"), 1.1)
@@ -323,8 +327,7 @@ def test_an_abort_verdict_that_arrives_before_the_op_is_issued_fails_it_at_once(
     from peer.handle import Handle
     from peer.core.ops import OpEngine, OpSpec
 
-    sent: list[wire.Message] = []
-    eng = OpEngine("j", 1 << 20, True, 1 << 20, lambda *a: None, sent.append, lambda p, r: None)
+    eng = OpEngine("j", 1 << 20, True, 1 << 20)
     eng.new_epoch(1, 3, ["a", "j"], "test")
     eng.on_verdict(wire.OpVerdict(1, 3, "w", 0, False, 0, "a: connection to b dropped"), 0.0)
     h = Handle("barrier")
