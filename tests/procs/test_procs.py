@@ -28,6 +28,18 @@ def _committed(records: list[dict[str, Any]], peer: str, after: float = 0.0) -> 
     return [r for r in records if r.get("peer") == peer and r.get("committed") and r["t"] > after]
 
 
+def _wait_for_commits(procs: LocalProcs, names: list[str], count: int, timeout: float) -> None:
+    """Until each of ``names`` has recorded ``count`` committed ops with all of ``names`` in them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = procs.records(names)
+        if all(sum(1 for r in recs if r.get("peer") == n and r.get("committed")
+                   and set(names) <= set(r["members"])) >= count for n in names):
+            return
+        assert time.monotonic() < deadline, f"{names} did not commit {count} ops together in {timeout}s"
+        time.sleep(0.1)
+
+
 def _assert_invariants(records: list[dict[str, Any]], elems: int = ELEMS) -> dict[str, Any]:
     summary = check_records(records, elems=elems)
     assert summary["parity_violations"] == 0, summary
@@ -57,8 +69,8 @@ def test_sigkill_mid_op_aborts_everywhere_and_survivors_continue(procs: LocalPro
     coord = procs.coordinator(extra=FAST_ARGS)
     elems = 2_000_000  # 8 MB ops: a kill lands mid-op
     for n in ("a", "b", "c", "d"):
-        procs.peer(n, [coord.hostport], _peer_args(9, elems))
-    time.sleep(4)
+        procs.peer(n, [coord.hostport], _peer_args(20, elems))
+    _wait_for_commits(procs, ["a", "b", "c", "d"], 3, 40)  # all four in, all-reducing together
     # Freeze d first so that the others are surely inside an op that needs d, then kill it.
     procs.signal("d", signal.SIGSTOP)
     time.sleep(0.4)
