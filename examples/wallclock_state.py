@@ -1,8 +1,8 @@
 """Files of the wall-clock experiment (``examples/diloco_wallclock.py``): the warm start every arm begins from,
 and the weight snapshots peer 0 writes while an arm runs (evaluated afterwards, outside the time budget).
 
-All files are plain ``.npz`` / ``.npy`` arrays read with ``allow_pickle=False`` — never pickle, never
-``torch.load``.
+All files are plain ``.npz`` / ``.npy`` arrays, read with object arrays refused (``allow_pickle=False``):
+no Python object deserialisation anywhere.
 
     warm = make_warm_start(path, steps=30)      # 30 synchronous steps of 4 x 16 windows, LR warm-up to 4e-3
     model, inner = build(warm_path)             # the charlm model + AdamW holding that state
