@@ -107,7 +107,9 @@ class ExpertSync:
                  owners_per_expert: int = 2, outer_lr: Optional[float] = None, outer_momentum: float = 0.9,
                  nesterov: bool = True, merge: Optional[MergeWarmup] = None, op_timeout: float = 600.0,
                  join_timeout: float = 600.0, alone_wait: float = 10.0,
-                 on_sync: Optional[Callable[[SyncRecord], None]] = None) -> None:
+                 on_sync: Optional[Callable[[SyncRecord], None]] = None,
+                 resume: Optional[Callable[["ExpertSync"], None]] = None) -> None:
+        """``resume``: called once admitted, before the entry sync (``experts_snapshots.resume_hook``)."""
         if sync_steps < 1 or owners_per_expert < 1:
             raise LocalError("sync_steps and owners_per_expert must be at least 1")
         lay = ExpertLayout(model, expert_map(model) if experts is None else experts)
@@ -133,7 +135,7 @@ class ExpertSync:
         self.history: list[SyncRecord] = []
         self.faults = 0
         self._own({})                                   # until the first sync: only the shared part trains
-        self._enter()
+        self._enter(resume)
 
     # ------------------------------------------------------------------ the optimizer interface
     @property
@@ -206,8 +208,10 @@ class ExpertSync:
         return gained
 
     # ------------------------------------------------------------------ sync points
-    def _enter(self) -> None:
+    def _enter(self, resume: Optional[Callable[["ExpertSync"], None]] = None) -> None:
         self.swarm.wait_admitted(self.join_timeout)
+        if resume is not None:
+            resume(self)                                # snapshots: the state to enter with
         self._guarded(lambda: self._exchange(entry=True), entry=True)
 
     def _topology_and_exchange(self) -> None:

@@ -33,12 +33,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from collectives.errors import LocalError
+from peer.swarm import Swarm
 from peer.train.pipeline import Pipeline, StepRecord
 from peer.train.pipeline_plan import NONE, NotEnoughPeers, assign_stages
 from recovery.snapshot import (MANIFEST, PathLike, Snapshot, SnapshotConflict, SnapshotError, SnapshotNotFound,
@@ -137,13 +138,23 @@ def attach_snapshots(pipe: Pipeline, snapshots: Snapshotter, layout: StageLayout
 # ============================================================================ the union of the survivors
 
 @dataclass
-class PipelineUnion:
-    """The snapshots of one revision from several directories that together hold every stage parameter of
-    a layout. ``held``: tensor name -> (snapshot, entry); ``digest``: of the manifests' (name, SHA-256)."""
+class SnapshotUnion:
+    """The snapshots of one revision from several directories that together hold every tensor a layout
+    needs. ``held``: tensor name -> (snapshot, entry); ``digest``: of the manifests' (name, SHA-256)."""
     revision: int
     snapshots: list[Snapshot]
     held: dict[str, tuple[Snapshot, TensorEntry]] = field(default_factory=dict)
     digest: int = 0
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor ``name``, its size and SHA-256 checked (``SnapshotCorrupt`` names a bad file)."""
+        snap, entry = self.held[name]
+        return read_tensor(snap.path, entry)
+
+
+@dataclass
+class PipelineUnion(SnapshotUnion):
+    """A union holding every stage parameter of a pipeline layout."""
 
     def stage_arrays(self, layout: StageLayout, s: int) -> tuple[dict[str, np.ndarray], dict[str, dict[str,
                                                                                                   np.ndarray]]]:
@@ -151,8 +162,7 @@ class PipelineUnion:
         key -> array); every tensor read is verified (``SnapshotCorrupt`` names a bad file)."""
         weights, optim = {}, {}
         for g in layout.names[s].values():
-            snap, entry = self.held[f"stage/{g}"]
-            weights[g] = read_tensor(snap.path, entry)
+            weights[g] = self.read(f"stage/{g}")
             optim[g] = {name.split("#", 1)[1]: read_tensor(sn.path, e) for name, (sn, e) in self.held.items()
                         if e.kind == "other" and e.param.startswith(f"{g}#")}
         return weights, optim
@@ -171,11 +181,12 @@ def _revisions(path: Path) -> list[tuple[int, Path]]:
     return list_snapshots(path)
 
 
-def open_union(paths: Sequence[PathLike], layout: StageLayout) -> PipelineUnion:
+def find_union(paths: Sequence[PathLike], wanted: Mapping[str, tuple[int, ...]],
+               explain: Callable[[int, list[str]], str]) -> SnapshotUnion:
     """The newest revision at which the snapshots in ``paths`` (roots or ``rev-N`` directories) together
-    hold every stage parameter of ``layout``, with the shapes it expects. Manifests are validated (a corrupt
-    one is refused); tensors are verified when read. Raises ``SnapshotNotFound`` naming the missing
-    parameters when no revision is complete (a stage's snapshot directory is missing)."""
+    hold every tensor named in ``wanted`` (tensor name -> the shape expected). Manifests are validated (a
+    corrupt one is refused); tensors are verified when read. When no revision is complete, raises
+    ``SnapshotNotFound`` with ``explain(newest revision, names the newest lacks)``."""
     if not paths:
         raise LocalError("no snapshot directory given")
     found: dict[int, list[Path]] = {}
@@ -184,33 +195,67 @@ def open_union(paths: Sequence[PathLike], layout: StageLayout) -> PipelineUnion:
             found.setdefault(rev, []).append(d)
     if not found:
         raise SnapshotNotFound(f"no complete snapshot in any of {[str(p) for p in paths]}")
-    wanted = layout.all_names()
     newest_missing: list[str] = []
     for rev in sorted(found, reverse=True):
         snaps = [open_snapshot(d) for d in found[rev]]
         held = merge(snaps)            # a tensor held twice must have the same bytes (SnapshotConflict)
-        missing = [g for g in wanted if f"stage/{g}" not in held]
+        missing = [n for n in wanted if n not in held]
         if missing:
             newest_missing = newest_missing or missing
-            log.warning("snapshot revision %d lacks %d stage parameter(s) (%s...): trying an older one",
+            log.warning("snapshot revision %d lacks %d tensor(s) (%s...): trying an older one",
                         rev, len(missing), missing[0])
             continue
-        for g in wanted:
-            entry = held[f"stage/{g}"][1]
-            if entry.shape != layout.shapes[g]:
-                raise SnapshotConflict(f"{held[f'stage/{g}'][0].path}: {g} has shape {entry.shape}, this "
-                                       f"pipeline's is {layout.shapes[g]} (another model?)")
+        for n, shape in wanted.items():
+            entry = held[n][1]
+            if entry.shape != tuple(shape):
+                raise SnapshotConflict(f"{held[n][0].path}: {n} has shape {entry.shape}, this run's is "
+                                       f"{tuple(shape)} (another model?)")
         h = hashlib.sha256()
         for name in sorted(held):
             h.update(f"{name}|{held[name][1].sha256}|".encode())
-        return PipelineUnion(rev, snaps, held, int.from_bytes(h.digest()[:8], "little", signed=True))
-    newest = max(found)
-    stages = sorted({layout.stage_of[g] for g in newest_missing})
-    raise SnapshotNotFound(
-        f"the snapshots in {[str(p) for p in paths]} hold no revision with every parameter of this "
-        f"{layout.num_stages}-stage pipeline: the newest, revision {newest}, lacks {len(newest_missing)} "
-        f"parameter(s) of its stage(s) {stages} ({', '.join(newest_missing[:12])}"
-        f"{', ...' if len(newest_missing) > 12 else ''}); is a stage's snapshot directory missing?")
+        return SnapshotUnion(rev, snaps, held, int.from_bytes(h.digest()[:8], "little", signed=True))
+    raise SnapshotNotFound(f"the snapshots in {[str(p) for p in paths]} {explain(max(found), newest_missing)}")
+
+
+def open_union(paths: Sequence[PathLike], layout: StageLayout) -> PipelineUnion:
+    """The newest revision at which the snapshots in ``paths`` together hold every stage parameter of
+    ``layout``, with the shapes it expects (``find_union``). Raises ``SnapshotNotFound`` naming the missing
+    parameters when no revision is complete (a stage's snapshot directory is missing)."""
+    def explain(newest: int, missing: list[str]) -> str:
+        names = [n.split("/", 1)[1] for n in missing]
+        stages = sorted({layout.stage_of[g] for g in names})
+        return (f"hold no revision with every parameter of this {layout.num_stages}-stage pipeline: the newest, "
+                f"revision {newest}, lacks {len(names)} parameter(s) of its stage(s) {stages} "
+                f"({', '.join(names[:12])}{', ...' if len(names) > 12 else ''}); is a stage's snapshot "
+                "directory missing?")
+
+    u = find_union(paths, {f"stage/{g}": layout.shapes[g] for g in layout.all_names()}, explain)
+    return PipelineUnion(u.revision, u.snapshots, u.held, u.digest)
+
+
+def gather_records(swarm: Swarm, mine: np.ndarray, timeout: float, rule: str
+                   ) -> tuple[dict[str, list[int]], list[str], int]:
+    """All-gather every member's resume record (int64 words, the first a magic number): member -> words,
+    the members (ring order) and the epoch. A member that sent another record is refused by name on every
+    member (``SnapshotConflict``: "every member of the swarm's first <rule>")."""
+    words, members, epoch = swarm.comm.all_gather_members(mine, timeout)
+    recs = {m: [int(x) for x in w] for m, w in zip(members, words)}
+    strangers = [m for m, r in recs.items() if r[0] != int(mine[0])]
+    if strangers:
+        raise SnapshotConflict(f"members {strangers} are not resuming (every member of the swarm's first "
+                               f"{rule})")
+    return recs, members, epoch
+
+
+def vote_loaded(swarm: Swarm, epoch: int, failure: Optional[SnapshotError], timeout: float, what: str) -> None:
+    """Every member says whether it read its part of a union; raises on every member alike when one could
+    not (the one that failed raises its own error, naming the file; the others ``SnapshotError``)."""
+    vote = np.array([1.0 if failure is not None else 0.0], np.float64)
+    swarm.comm.pinned(epoch).all_reduce(vote, op="sum", timeout=timeout)
+    if failure is not None:
+        raise failure
+    if vote[0]:
+        raise SnapshotError(f"{int(vote[0])} member(s) could not read {what}: nothing resumed")
 
 
 # ============================================================================ resuming, live
@@ -234,12 +279,7 @@ def resume_pipeline(pipe: Pipeline, union: Optional[PipelineUnion], layout: Stag
     sw, me = pipe.swarm, pipe.swarm.id
     mine = np.array([MAGIC, union.revision if union else -1, union.digest if union else 0, pipe.request,
                      pipe.committed, 0], np.int64)
-    words, members, epoch = sw.comm.all_gather_members(mine, pipe.op_timeout)
-    recs = {m: [int(x) for x in w] for m, w in zip(members, words)}
-    strangers = [m for m, r in recs.items() if r[0] != MAGIC]
-    if strangers:
-        raise SnapshotConflict(f"members {strangers} are not resuming (every member of the swarm's first "
-                               "step must call resume_pipeline)")
+    recs, members, epoch = gather_records(sw, mine, pipe.op_timeout, "step must call resume_pipeline")
     resumers = [m for m in members if recs[m][1] >= 0]
     kinds = {(recs[m][1], recs[m][2]) for m in resumers}
     if len(kinds) > 1:
@@ -265,13 +305,7 @@ def resume_pipeline(pipe: Pipeline, union: Optional[PipelineUnion], layout: Stag
             loaded = union.stage_arrays(layout, s)
         except SnapshotError as exc:   # everyone hears of it through the vote below, then it is raised
             failure = exc
-    vote = np.array([1.0 if failure is not None else 0.0], np.float64)
-    sw.comm.pinned(epoch).all_reduce(vote, op="sum", timeout=pipe.op_timeout)
-    if failure is not None:
-        raise failure
-    if vote[0]:
-        raise SnapshotError(f"{int(vote[0])} member(s) could not read their stage from the snapshots of "
-                            f"revision {revision}: nothing resumed")
+    vote_loaded(sw, epoch, failure, pipe.op_timeout, f"their stage from the snapshots of revision {revision}")
     report = ResumeReport(revision, s, list(members), assignment)
     if loaded is not None and union is not None:
         report.optimizer = _take(pipe, layout, s, revision, loaded, union.lr_scale(layout, s))
@@ -322,5 +356,5 @@ def resume_and_snapshot(pipe: Pipeline, layout: StageLayout, union: Optional[Pip
     return snaps
 
 
-__all__ = ["PipelineUnion", "ResumeReport", "StageLayout", "attach_snapshots", "open_union",
-           "resume_and_snapshot", "resume_pipeline", "stage_specs"]
+__all__ = ["PipelineUnion", "ResumeReport", "SnapshotUnion", "StageLayout", "attach_snapshots", "find_union",
+           "gather_records", "open_union", "resume_and_snapshot", "resume_pipeline", "stage_specs", "vote_loaded"]
