@@ -13,7 +13,8 @@ On disk (``docs/snapshots.md`` is the reference)::
     ROOT/.tmp-...                            a write in progress (ignored by loaders, removed by writers)
 
 A tensor file holds exactly ``prod(shape) * itemsize`` bytes, so ``sha256sum 00000.bin`` equals the
-manifest's ``sha256`` and ``np.fromfile(path, dtype).reshape(shape)`` reads it. Nothing is pickled.
+manifest's ``sha256`` and ``np.fromfile(path, dtype).reshape(shape)`` reads it. No Python object
+serialisation is used: plain arrays and JSON only.
 
 Atomicity: files go to a temporary directory, each is fsynced, the manifest last, the directory is fsynced,
 renamed to ``rev-N`` and the root fsynced. A crash at any point leaves every earlier snapshot intact and at
