@@ -11,9 +11,16 @@ On each machine (same swarm secret everywhere; ``swarmtrain keygen --secret swar
         --secret swarm.secret --resume snaps                                    # after losing every peer
 
 ``--model charlm`` (default) trains the byte-level LM of ``examples/charlm.py``; ``--model tiny`` is the
-4-6-2 MLP on synthetic data the tests use. Each local rank draws its own data (seeded by machine id, local
-rank and step). Rank 0 prints one JSON line per sync point (``--events``) and every rank prints a final
-``done`` line with digests of its parameters and outer state. docs/multi-gpu.md explains the design.
+4-6-2 MLP on synthetic data the tests use. ``--workload experts`` trains the MoE LM of ``examples/moe_lm.py``
+with sparse expert sync instead (``LocalExpertSync``, no DDP; ``--model tiny``: a tiny MoE on random bytes;
+no snapshots)::
+
+    torchrun --standalone --nproc-per-node 8 examples/multi_gpu_peer.py --workload experts --join firsthost:7000 \\
+        --secret swarm.secret --inner-steps 50 --owners-per-expert 2
+
+Each local rank draws its own data (seeded by machine id, local rank and step). Rank 0 prints one JSON line
+per sync point (``--events``) and every rank prints a final ``done`` line with digests of its parameters and
+outer state. docs/multi-gpu.md explains the design.
 """
 
 from __future__ import annotations
@@ -25,15 +32,18 @@ import logging
 import signal
 import sys
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from examples.moe_lm import MoEConfig, MoELM
 from peer.config import PeerConfig, SecurityConfig, Timeouts
 from peer.swarm import Swarm
 from peer.train.diloco import DiLoCo, RoundRecord
+from peer.train.experts import SyncRecord
+from peer.train.local_experts import LocalExpertSync
 from peer.train.local_group import LocalDiLoCo, LocalGroup, close_on_error
 from peer.train.outer import flatten_params, load_params, state_digest
 from recovery.snapshot import open_snapshot
@@ -56,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--group-timeout", type=float, default=1800.0,
                     help="seconds before a collective of the machine's process group fails (default 1800; "
                          "longer than the slowest outer sync)")
+    ap.add_argument("--workload", choices=["diloco", "experts"], default="diloco",
+                    help="diloco: DDP + DiLoCo; experts: an MoE LM with sparse expert sync")
     ap.add_argument("--model", choices=["charlm", "tiny"], default="charlm")
+    ap.add_argument("--owners-per-expert", type=int, default=2, help="--workload experts: owners of an expert")
     ap.add_argument("--seed", type=int, default=0, help="model init seed (the same on every machine)")
     ap.add_argument("--machine", type=int, default=-1,
                     help="this machine's data seed (default: derived from --id)")
@@ -71,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--snapshot-every", type=int, default=1, help="a snapshot every K revisions")
     ap.add_argument("--resume", default="", help="start from this snapshot (a snapshot dir or a root)")
     ap.add_argument("--events", action="store_true", help="JSON lines on stdout")
+    ap.add_argument("--step-events", action="store_true",
+                    help="--workload experts: every rank prints a digest of its parameters after every step")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--log-level", default="warning")
     return ap
@@ -96,6 +111,22 @@ def tiny_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return out
 
 
+def tiny_moe(seed: int) -> MoELM:
+    """A tiny MoE LM (2 layers of 4 experts, top-2; ~15k parameters), the same on every machine for a seed."""
+    torch.manual_seed(seed)
+    return MoELM(MoEConfig(block=8, width=16, layers=2, heads=2, experts=4, top_k=2, expert_hidden=16))
+
+
+def tiny_moe_batch(machine: int, rank: int, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1_000_000 * machine + 1000 * rank + step)
+    seq = torch.randint(0, 256, (batch, 9), generator=g)                    # (B, T + 1) random bytes
+    return seq[:, :-1], seq[:, 1:]
+
+
+def params_digest(params: list[torch.nn.Parameter]) -> str:
+    return hashlib.sha256(flatten_params(params).tobytes()).hexdigest()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     a = build_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -104,6 +135,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
                         format=f"%(asctime)s {pid}/{group.rank} %(levelname)s %(name)s: %(message)s")
     machine = a.machine if a.machine >= 0 else zlib.crc32(pid.encode()) % 1000
+
+    def emit(obj: dict[str, Any]) -> None:
+        if a.events:
+            print(json.dumps(obj), flush=True)
+
+    if a.workload == "experts":
+        return train_experts(a, group, pid, machine, emit)
     if a.model == "tiny":
         module = tiny_model(a.seed).to(group.device)
     else:
@@ -114,22 +152,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ddp = DDP(module, device_ids=[group.device.index] if group.device.type == "cuda" else None)
     inner = torch.optim.AdamW(module.parameters(), lr=a.lr)
     gen = torch.Generator().manual_seed(1000 * machine + group.rank)
-
-    def emit(obj: dict[str, Any]) -> None:
-        if a.events:
-            print(json.dumps(obj), flush=True)
-
     names = [n for n, _ in module.named_parameters()]
     shapes = [tuple(p.shape) for p in module.parameters()]
     # every rank checks the snapshot before joining: a corrupt one stops the whole peer here, naming the file
     resumed = resume_state(a.resume, names, shapes) if a.resume else None
-    swarm = None
-    if group.is_leader:
-        cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, join=tuple(a.join), coordinator=a.bootstrap,
-                         timeouts=Timeouts.local() if a.local_timeouts else Timeouts(),
-                         security=SecurityConfig(secret_file=a.secret, key_file=a.key, insecure=a.insecure))
-        swarm = Swarm(cfg)
-        emit({"event": "listening", "id": swarm.id, "addr": swarm.addr})
+    swarm = leader_swarm(a, group, pid, emit)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # torchrun stops the others: leave cleanly
     with close_on_error(group, swarm):
         snaps = Snapshotter(a.snapshot_dir, every=a.snapshot_every) if a.snapshot_dir and swarm else None
@@ -169,8 +196,69 @@ def main(argv: Optional[list[str]] = None) -> int:
             snaps.close()
         print(json.dumps({"event": "done", "id": pid, "rank": group.rank, "revision": opt.revision,
                           "steps": step, "digest": opt.digest.hex(),
-                          "params": hashlib.sha256(flatten_params(list(module.parameters())).tobytes()).hexdigest(),
+                          "params": params_digest(list(module.parameters())),
                           "machine_samples": opt.machine_samples}), flush=True)
+    return 0
+
+
+def leader_swarm(a: argparse.Namespace, group: LocalGroup, pid: str,
+                 emit: Callable[[dict[str, Any]], None]) -> Optional[Swarm]:
+    """Local rank 0 joins (or starts) the swarm; the other ranks get None."""
+    if not group.is_leader:
+        return None
+    cfg = PeerConfig(peer_id=pid, host=a.host, port=a.port, join=tuple(a.join), coordinator=a.bootstrap,
+                     timeouts=Timeouts.local() if a.local_timeouts else Timeouts(),
+                     security=SecurityConfig(secret_file=a.secret, key_file=a.key, insecure=a.insecure))
+    swarm = Swarm(cfg)
+    emit({"event": "listening", "id": swarm.id, "addr": swarm.addr})
+    return swarm
+
+
+def train_experts(a: argparse.Namespace, group: LocalGroup, pid: str, machine: int,
+                  emit: Callable[[dict[str, Any]], None]) -> int:
+    """``--workload experts``: the MoE LM with sparse expert sync on every rank (``LocalExpertSync``)."""
+    if a.snapshot_dir or a.resume:
+        raise SystemExit("--snapshot-dir and --resume: --workload diloco only in this example")
+    from examples.charlm import load_corpus
+    if a.model == "tiny":
+        model = tiny_moe(a.seed).to(group.device)
+    else:
+        corpus, cfg = load_corpus(), MoEConfig()
+        torch.manual_seed(a.seed)
+        model = MoELM(cfg).to(group.device)
+    gen = torch.Generator().manual_seed(1000 * machine + group.rank)
+    swarm = leader_swarm(a, group, pid, emit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with close_on_error(group, swarm):
+        def on_sync(rec: SyncRecord) -> None:
+            emit({"event": "sync", "id": pid, "revision": rec.revision, "committed": rec.committed,
+                  "digest": rec.digest, "samples": rec.samples, "my_samples": rec.my_samples,
+                  "members": rec.members, "owned": rec.owned, "kind": rec.kind, "reason": rec.reason})
+
+        kw: dict[str, Any] = {}
+        if swarm is not None:
+            kw = dict(owners_per_expert=a.owners_per_expert, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
+                      op_timeout=a.op_timeout, on_sync=on_sync)
+        opt = LocalExpertSync(model, lambda ps: torch.optim.AdamW(ps, lr=a.lr), group, swarm,
+                              sync_steps=a.inner_steps, **kw)
+        step = 0
+        while opt.revision < a.outer_steps:
+            if a.model == "tiny":
+                x, y = tiny_moe_batch(machine, group.rank, step, a.batch)
+            else:
+                x, y = corpus.batch("train", a.batch, cfg.block, gen)
+            model.loss(x.to(group.device), y.to(group.device)).backward()  # type: ignore[no-untyped-call]
+            opt.step(samples=a.batch)
+            opt.zero_grad()
+            step += 1
+            if a.step_events:
+                print(json.dumps({"event": "step", "rank": group.rank, "step": step, "revision": opt.revision,
+                                  "owned": sorted(opt.owned), "params": params_digest(opt.layout.order)}),
+                      flush=True)
+        opt.finish()
+        print(json.dumps({"event": "done", "id": pid, "rank": group.rank, "revision": opt.revision,
+                          "steps": step, "digest": opt.digest.hex(), "params": params_digest(opt.layout.order),
+                          "owned": sorted(opt.owned), "machine_samples": opt.machine_samples}), flush=True)
     return 0
 
 

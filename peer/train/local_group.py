@@ -40,7 +40,7 @@ import logging
 import os
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from peer.train.outer import flatten_params, fragment_bounds, load_params, state
 
 log = logging.getLogger(__name__)
 
-_OK, _FAILED = 0, 1
+OK, FAILED = 0, 1   # the status word rank 0 broadcasts first after a sync point
 
 
 class LocalGroupFailed(SwarmError):
@@ -110,6 +110,31 @@ class LocalGroup:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.cpu()[0])
 
+    def mean_grads_(self, params: Sequence[torch.Tensor]) -> None:
+        """In place: each parameter's gradient becomes the mean over the machine's ranks (sum, then divided
+        by the size; one all-reduce per dtype). ``params``: the same list, in the same order, on every rank.
+        A parameter with no gradient on some ranks counts zeros there; one with no gradient on any rank
+        keeps none (the optimizer skips it, as it would in one process)."""
+        if self.size == 1:
+            return
+        have = self._dev(torch.tensor([float(p.grad is not None) for p in params]))   # (P,) ranks with a grad
+        dist.all_reduce(have, op=dist.ReduceOp.SUM)
+        buckets: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p, n in zip(params, have.tolist()):
+            if n > 0:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                buckets.setdefault(p.grad.dtype, []).append(p)
+        for ps in buckets.values():          # insertion order: the same on every rank
+            grads = [p.grad for p in ps if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])                            # (sum of numel,)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.size
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+
     def broadcast_(self, arr: np.ndarray) -> None:
         """In place: every rank ends with rank 0's bytes of ``arr`` (a contiguous CPU numpy array)."""
         host = torch.from_numpy(arr)
@@ -117,6 +142,28 @@ class LocalGroup:
         dist.broadcast(t, src=0)
         if t is not host:
             host.copy_(t.cpu())
+
+
+class SyncClock:
+    """One local rank's steps and samples between sync points: every ``interval``-th step is a sync point,
+    where the samples since the last one are summed over the machine (an all-reduce on every rank)."""
+
+    def __init__(self, group: LocalGroup, interval: int) -> None:
+        self.group, self.interval = group, interval
+        self.steps, self.pending = 0, 0.0
+        self.machine_samples: list[float] = []       # the machine's samples at each sync point
+
+    def tick(self, samples: float) -> Optional[float]:
+        """One step of ``samples``: the machine's samples since the last sync point if this step is one,
+        else None."""
+        self.steps += 1
+        self.pending += samples
+        if self.steps % self.interval:
+            return None
+        machine = self.group.sum(self.pending)
+        self.pending = 0.0
+        self.machine_samples.append(machine)
+        return machine
 
 
 class LocalDiLoCo:
@@ -136,22 +183,20 @@ class LocalDiLoCo:
         fragment_bounds([p.numel() for p in self.params], fragments)  # same checks as DiLoCo's
         if inner_steps < 1 or inner_steps % fragments:
             raise LocalError("inner_steps must be a positive multiple of fragments")
-        self.interval = inner_steps // fragments
+        self.clock = SyncClock(group, inner_steps // fragments)
+        self.machine_samples = self.clock.machine_samples   # the machine's samples at each sync point
         self.opt: Optional[DiLoCo] = None
-        self.steps = 0
-        self.pending_samples = 0.0
         self.theta = np.zeros(self.n, np.float32)    # (N,) outer weights, as on rank 0
         self.mom = np.zeros(self.n, np.float32)      # (N,) outer momentum, as on rank 0
         self.revision = 0
-        self.machine_samples: list[float] = []       # the machine's samples at each sync point
         if swarm is not None:
             try:
                 self.opt = diloco_factory(model, inner_optimizer, swarm, inner_steps=inner_steps,
                                           fragments=fragments, **diloco_kw)
             except Exception:
-                self._share(_FAILED)
+                self._share(FAILED)
                 raise
-        self._share(_OK)   # every rank starts from the swarm's outer weights
+        self._share(OK)   # every rank starts from the swarm's outer weights
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -167,44 +212,32 @@ class LocalDiLoCo:
     def step(self, samples: float = 1.0) -> None:
         """One inner step on every rank (gradients already averaged by DDP); at a sync point the outer
         sync on rank 0 with the machine's samples, then its results on every rank."""
-        self.steps += 1
-        self.pending_samples += samples
-        sync_point = self.steps % self.interval == 0
-        machine = 0.0
-        if sync_point:
-            machine = self.group.sum(self.pending_samples)
-            self.pending_samples = 0.0
-            self.machine_samples.append(machine)
+        machine = self.clock.tick(samples)
+        sync_point = machine is not None
         if self.opt is None:
             self.inner.step()
         else:
             try:
-                self.opt.step(samples=machine)
+                self.opt.step(samples=0.0 if machine is None else machine)
             except Exception:
                 if sync_point:
-                    self._share(_FAILED)
+                    self._share(FAILED)
                 raise
             if sync_point and self.opt.steps_since != 0:
                 raise LocalError("rank 0's DiLoCo did not sync at the machine's sync point")
         if sync_point:
-            self._share(_OK)
+            self._share(OK)
 
     def finish(self) -> None:
         """Every rank: rank 0 commits or discards the in-flight round and loads the outer weights; the
         other ranks receive them."""
-        if self.opt is not None:
-            try:
-                self.opt.finish()
-            except Exception:
-                self._share(_FAILED)
-                raise
-        self._share(_OK)
+        lead_then_share(self.opt.finish if self.opt is not None else None, self._share)
 
     def _share(self, status: int) -> None:
         """Rank 0's status, revision, parameters, outer weights and momentum to every rank."""
         head = np.array([status, self.opt.revision if self.opt is not None else 0], np.int64)
         self.group.broadcast_(head)
-        if int(head[0]) != _OK:
+        if int(head[0]) != OK:
             if self.opt is None:
                 raise LocalGroupFailed(f"local rank 0 failed; local rank {self.group.rank} stops")
             return
@@ -219,6 +252,19 @@ class LocalDiLoCo:
         self.revision = int(head[1])
         if self.opt is None:
             load_params(self.params, flat[:self.n])
+
+
+def lead_then_share(fn: Optional[Callable[[], Any]], share: Callable[[int], None]) -> None:
+    """Rank 0 runs ``fn`` (the other ranks pass None), then every rank calls ``share(OK)`` (rank 0's results
+    to every rank). If ``fn`` raises, rank 0 calls ``share(FAILED)`` first, so the other ranks stop at once
+    with ``LocalGroupFailed`` instead of waiting for the group's timeout; the error propagates."""
+    if fn is not None:
+        try:
+            fn()
+        except Exception:
+            share(FAILED)
+            raise
+    share(OK)
 
 
 class close_on_error:
