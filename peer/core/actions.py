@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from collectives import wire
 
@@ -17,9 +17,11 @@ class Out:
 
 @dataclass
 class Connect:
-    """Open (or re-address) the connection to ``peer`` at ``addr``."""
+    """Open (or re-address) the connection to ``peer`` at ``addr``; ``remember``: also record ``addr`` as the
+    peer's address (a joiner's or a survivor's claimed address is only used to answer it)."""
     peer: str
     addr: str
+    remember: bool = True
 
 
 @dataclass
@@ -50,4 +52,39 @@ class Suspect:
     reason: str
 
 
-Action = Union[Out, Connect, Drop, Data, ToCoordinator, Suspect]
+@dataclass
+class ViaAddr:
+    """Send ``msg`` to whoever listens at ``addr``: over a link we already have to that address (a second
+    socket with our identity to the same ROUTER would take the identity over and drop the first one's
+    messages), else over a fresh link keyed ``seed``."""
+    addr: str
+    seed: str
+    msg: wire.Message
+
+
+@dataclass
+class Note:
+    """Record a membership event (``kind``, ``detail``) in the peer's history."""
+    kind: str
+    detail: str
+
+
+@dataclass
+class Wake:
+    """Resolve the waiting topology votes with the current epoch (``error`` None), or fail them."""
+    error: Optional[BaseException]
+
+
+@dataclass
+class Admitted:
+    """The membership changed (admitted, a new epoch, stale): wake threads waiting for admission."""
+
+
+@dataclass
+class Probe:
+    """Send a bandwidth probe to each of ``members`` not probed yet."""
+    epoch: int
+    members: tuple[str, ...]
+
+
+Action = Union[Out, Connect, Drop, Data, ToCoordinator, Suspect, ViaAddr, Note, Wake, Admitted, Probe]
