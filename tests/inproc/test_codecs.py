@@ -73,6 +73,20 @@ def test_compressed_all_reduce_is_bit_identical_and_close(inproc: InProcess, cod
     assert rel < {"fp16": 1e-3, "bf16": 1e-2, "int8": 5e-2}[codec], rel
 
 
+def test_int8_all_reduce_of_several_default_size_frames(inproc: InProcess) -> None:
+    """Regression guard: int8 over tensors larger than one default 4 MiB frame (several slices per member,
+    the size where an int8 failure was once seen in a process run)."""
+    peers = form(inproc, 3)
+    rng = np.random.default_rng(5)
+    inputs = [rng.standard_normal(2_600_007).astype(np.float32) for _ in peers]  # ~10 MiB each
+    bufs = [x.copy() for x in inputs]
+    run_all([lambda p=p, b=b: p.comm.all_reduce(b, op="avg", codec="int8", timeout=60)
+             for p, b in zip(peers, bufs)])
+    assert len({ring.digest(b) for b in bufs}) == 1, "int8 results must agree bit for bit"
+    exact = np.mean(np.array(inputs, np.float64), axis=0)
+    assert np.linalg.norm(bufs[0] - exact) / np.linalg.norm(exact) < 5e-2
+
+
 @pytest.mark.timeout(90)
 def test_compressed_all_reduce_parity_across_four_processes(procs: LocalProcs) -> None:
     coord = procs.coordinator(extra=FAST_ARGS)
