@@ -40,6 +40,14 @@ def _wait_for_commits(procs: LocalProcs, names: list[str], count: int, timeout: 
         time.sleep(0.1)
 
 
+def _wait_for_commit(procs: LocalProcs, peer: str, members: list[str], after: float, timeout: float) -> None:
+    """Until ``peer`` has recorded a committed op after ``after`` with exactly ``members``."""
+    deadline = time.monotonic() + timeout
+    while not [r for r in _committed(procs.records([peer]), peer, after) if sorted(r["members"]) == members]:
+        assert time.monotonic() < deadline, f"{peer} committed no op of {members} in {timeout}s"
+        time.sleep(0.1)
+
+
 def _assert_invariants(records: list[dict[str, Any]], elems: int = ELEMS) -> dict[str, Any]:
     summary = check_records(records, elems=elems)
     assert summary["parity_violations"] == 0, summary
@@ -98,7 +106,7 @@ def test_peer_joins_mid_run_and_takes_part(procs: LocalProcs) -> None:
     coord = procs.coordinator(extra=FAST_ARGS)
     for n in ("a", "b", "c"):
         procs.peer(n, [coord.hostport], _peer_args(8))
-    time.sleep(3)
+    _wait_for_commits(procs, ["a", "b", "c"], 3, 30)   # the three all-reduce together
     joined_at = time.time()
     procs.peer("late", [procs.procs["b"].hostport], _peer_args(4))  # joins through a peer: redirected
     for n in ("a", "b", "c", "late"):
@@ -115,10 +123,10 @@ def test_stalled_peer_is_evicted_then_learns_it_is_stale(procs: LocalProcs) -> N
     coord = procs.coordinator(extra=FAST_ARGS)
     for n in ("a", "b", "c"):
         procs.peer(n, [coord.hostport], _peer_args(12))
-    time.sleep(3)
+    _wait_for_commits(procs, ["a", "b", "c"], 3, 30)
     stopped_at = time.time()
     procs.signal("c", signal.SIGSTOP)
-    time.sleep(HB_TIMEOUT + 2.5)
+    _wait_for_commit(procs, "a", ["a", "b"], stopped_at, HB_TIMEOUT + 10)   # c evicted, a and b go on
     procs.signal("c", signal.SIGCONT)
     for n in ("a", "b", "c"):
         procs.wait_done(n, 60)
@@ -144,7 +152,7 @@ def test_coordinator_killed_swarm_keeps_committing(procs: LocalProcs, embedded: 
     names = ["a", "b", "c"]
     for n in names:
         procs.peer(n, [entry], _peer_args(10))
-    time.sleep(3.5)
+    _wait_for_commits(procs, names, 3, 30)
     killed_at = time.time()
     procs.kill(victim)
     for n in names:
@@ -165,7 +173,7 @@ def test_coordinator_and_successor_killed_together_the_last_peer_carries_on(proc
     entry = procs.coordinator(extra=FAST_ARGS).hostport
     procs.peer("a", [entry], _peer_args(40))
     b = procs.peer("b", [entry], _peer_args(40))
-    time.sleep(3.0)
+    _wait_for_commits(procs, ["a", "b"], 3, 30)
     procs.kill("coordinator")
     procs.kill("a")
     killed_at = time.time()
@@ -181,7 +189,7 @@ def test_coordinator_and_successor_killed_together_the_last_peer_carries_on(proc
 def test_churn_keeps_progress_and_parity(procs: LocalProcs) -> None:
     rng = random.Random(7)
     coord = procs.coordinator(extra=FAST_ARGS)
-    duration = 45.0
+    duration = 38.0   # the seeded plan has its 5th kill and spawn ~18-24 s into the loop (spawns take 0.6-1.5 s)
     end = time.time() + duration
     alive: list[str] = []
     counter = 0
