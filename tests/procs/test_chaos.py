@@ -167,7 +167,9 @@ def test_partitioned_coordinator_steps_down_and_the_majority_goes_on_alone(tmp_p
     holder = [a for a in run.hist if a["type"] == "attempt" and a["peer"] == "peer0" and a.get("committed")
               and a["t"] - run.t0 < cut]
     assert holder and holder[-1]["coordinator"], "peer0 did not hold the coordinator role when cut off"
-    during = [o for o in run.ops("commit", after=cut, before=cut + 6.0)]
+    # An op whose last frames and verdict were already on the wire when the rules went in may still end just
+    # after the recorded fault time (seen under heavy CPU load): judge the partition from 1 s after the cut.
+    during = [o for o in run.ops("commit", after=cut + 1.0, before=cut + 6.0)]
     assert during and all("peer0" not in o["members"] for o in during)
     assert {"peer1", "peer2", "peer3"} <= set(during[-1]["members"])
     assert run.events("peer0", "stale"), "the cut-off coordinator never stepped down"
