@@ -238,7 +238,8 @@ def test_interrupted_run_cleans_up_everything(tmp_path: Path, sig: int) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     p = subprocess.Popen([sys.executable, "-m", "peer", "simulate", "--peers", "3", "--duration", "60",
                           "--churn", "--proxy", "--workdir", str(work), "--seed", "5"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(REPO_ROOT))
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),
+                         preexec_fn=_default_sigint)
     try:
         hist = work / "history.jsonl"
         deadline = time.monotonic() + 30
@@ -265,6 +266,12 @@ def test_interrupted_run_cleans_up_everything(tmp_path: Path, sig: int) -> None:
         suffix = meta["network_detail"].split("bridge swtb")[1][:6]
         assert leftovers(suffix) == [], "namespaces or links left behind"
     assert _processes_mentioning(str(work)) == [], "peer processes outlived the simulator"
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default. A suite launched as a background job (``cmd &`` in a script)
+    inherits SIGINT ignored, which Python then keeps ignoring: the signal under test would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _processes_mentioning(text: str) -> list[int]:
