@@ -19,7 +19,7 @@ from recovery.checkfree import CheckFree, swapped_order
 from recovery.rebuild import NeighbourState
 from recovery.stage import neighbour_state
 from tests.helpers import InProcess, form_swarm, run_all
-from tests.pipeline_helpers import Died, crash_at, later, run_to, train_one_process, wait_pending
+from tests.inproc.test_pipeline_faults import Died, crash_at, later, wait_pending
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,24 +70,28 @@ def plus_order(n: int) -> Callable[[int], list[int]]:
 def reference(steps: int, n: int) -> tuple[list[EdgeStage], list[float], list[dict[str, torch.Tensor]]]:
     """One process, the swapped order, the edge layers by position; the embedding after every step."""
     stages = edge_stages(n)
-    embeds: list[dict[str, torch.Tensor]] = []
+    opts = [make_opt(list(s.parameters())) for s in stages]
+    losses, embeds = [], []
     first, last = stages[0], stages[-1]
     assert first.edge_in is not None and last.edge_out is not None
-    edge_in, edge_out = first.edge_in, last.edge_out
-
-    def loss(x: torch.Tensor, y: torch.Tensor, m: int) -> torch.Tensor:
-        for pos, k in enumerate(swapped_order(n, m)):
-            if pos == 0:
-                x = edge_in(x)
-            x = stages[k].body(x)
-            if pos == n - 1:
-                x = edge_out(x)
-        return nn.functional.cross_entropy(x.reshape(-1, V), y.reshape(-1))
-
-    def keep_embedding() -> None:
-        embeds.append({n_: p.detach().clone() for n_, p in edge_in.named_parameters()})
-
-    losses = train_one_process(stages, make_opt, steps, M, tokens, loss, keep_embedding)
+    for step in range(steps):
+        total = 0.0
+        for m in range(M):
+            x, y = tokens(step, m)
+            for pos, k in enumerate(swapped_order(n, m)):
+                if pos == 0:
+                    x = first.edge_in(x)
+                x = stages[k].body(x)
+                if pos == n - 1:
+                    x = last.edge_out(x)
+            loss = nn.functional.cross_entropy(x.reshape(-1, V), y.reshape(-1))
+            (loss / M).backward()
+            total += float(loss.detach())
+        for o in opts:
+            o.step()
+            o.zero_grad()
+        losses.append(total / M)
+        embeds.append({n_: p.detach().clone() for n_, p in first.edge_in.named_parameters()})
     return stages, losses, embeds
 
 
@@ -168,7 +172,12 @@ def test_first_stage_lost_rebuilt_by_swap_copy(inproc: InProcess) -> None:
         def go() -> Pipeline:
             pipe = pipeline(s, 2, stage=stage, rebuild=rule, on_step=on_step)
             live[s.id] = pipe
-            return run_to(pipe, 5, tokens, out)
+            if out is not None:
+                out.state["pipe"] = pipe
+                pipe.outgoing = out
+            while pipe.committed < 5:
+                pipe.step(tokens)
+            return pipe
         return go
 
     joined = later(joiner, lambda j: lambda: train(j, 5, 2, rebuild=rule))

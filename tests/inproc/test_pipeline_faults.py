@@ -3,6 +3,7 @@ a joiner during training, garbage activations from a peer."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -16,9 +17,12 @@ from recovery.rebuild import NeighbourState, StageLost
 from recovery.stage import neighbour_state
 from tests.helpers import InProcess, form_swarm, run_all
 from tests.inproc.test_pipeline import D, M, by_stage, get_batch, make_opt, mse
-from tests.pipeline_helpers import Died, crash_at, later, run_to, wait_pending
 
 pytestmark = pytest.mark.timeout(90)
+
+
+class Died(Exception):
+    """Ends the thread of a peer that a test crashed."""
 
 
 def uniform_stages(n: int, seed: int = 0) -> list[torch.nn.Module]:
@@ -45,6 +49,30 @@ def run(swarm: Swarm, steps: int, n: int, hook: Optional[Callable[[Pipeline, Ste
     return pipe
 
 
+def wait_pending(coord: Swarm, peer_id: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while coord.node.coord is None or peer_id not in coord.node.coord.pending:
+        assert time.monotonic() < deadline, "the joiner never became pending"
+        time.sleep(0.02)
+
+
+def crash_at(inproc: InProcess, victim: Swarm, step: int, before: Optional[Callable[[], None]] = None
+             ) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """An ``outgoing`` hook that kills ``victim`` mid-step (at its first send of step ``step``)."""
+    state = {"pipe": None}
+
+    def hook(t: torch.Tensor, what: str) -> torch.Tensor:
+        pipe = state["pipe"]
+        if pipe is not None and pipe.committed == step:
+            if before is not None:
+                before()
+            inproc.crash(victim)
+            raise Died(victim.id)
+        return t
+    hook.state = state  # type: ignore[attr-defined]
+    return hook
+
+
 def start(swarm: Swarm, steps: int, n: int, outgoing: Any = None, **kw: Any) -> Callable[[], Pipeline]:
     def go() -> Pipeline:
         holder: dict[str, Pipeline] = {}
@@ -52,7 +80,23 @@ def start(swarm: Swarm, steps: int, n: int, outgoing: Any = None, **kw: Any) -> 
         pipe = Pipeline(swarm, uniform_stages(n), make_opt, micro_batches=M, example=get_batch(0, 0),
                         loss_fn=mse, on_step=kw.pop("on_step", None), **kw)
         holder["p"] = pipe
-        return run_to(pipe, steps, get_batch, outgoing)
+        if outgoing is not None:
+            outgoing.state["pipe"] = pipe
+            pipe.outgoing = outgoing
+        while pipe.committed < steps:
+            pipe.step(get_batch)
+        return pipe
+    return go
+
+
+def later(joiner: dict[str, Swarm], make: Callable[[Swarm], Callable[[], Any]]) -> Callable[[], Any]:
+    """A thread that runs ``make(swarm)()`` once the joiner's swarm exists (bounded wait)."""
+    def go() -> Any:
+        deadline = time.monotonic() + 40
+        while "j" not in joiner:
+            assert time.monotonic() < deadline, "the joiner was never started"
+            time.sleep(0.02)
+        return make(joiner["j"])()
     return go
 
 
@@ -74,7 +118,12 @@ def test_replica_killed_mid_step_aborts_everywhere_retry_commits(inproc: InProce
             pipe = Pipeline(s, uniform_stages(2), make_opt, micro_batches=M, example=get_batch(0, 0),
                             loss_fn=mse, stage=stage, on_step=on_step, op_timeout=15.0)
             pipes[s.id] = pipe
-            return run_to(pipe, 5, get_batch, outgoing)
+            if outgoing is not None:
+                outgoing.state["pipe"] = pipe
+                pipe.outgoing = outgoing
+            while pipe.committed < 5:
+                pipe.step(get_batch)
+            return pipe
         return f
 
     res = run_all([go(p0, 0), go(p1, 0, crash_at(inproc, p1, 2)), go(p2, 1)], timeout=80)
@@ -141,7 +190,12 @@ def test_last_replica_lost_joiner_gets_rebuild(inproc: InProcess) -> None:
             pipe = Pipeline(s, uniform_stages(3), make_opt, micro_batches=M, example=get_batch(0, 0),
                             loss_fn=mse, stage=stage, rebuild=rule, on_step=on_step, op_timeout=15.0)
             live[s.id] = pipe
-            return run_to(pipe, 5, get_batch, out)
+            if out is not None:
+                out.state["pipe"] = pipe
+                pipe.outgoing = out
+            while pipe.committed < 5:
+                pipe.step(get_batch)
+            return pipe
         return go
 
     joined = later(joiner, lambda j: start(j, 5, 3, rebuild=rule))
