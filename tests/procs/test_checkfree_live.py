@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,25 @@ from peer.sim.procs import LocalProcs
 from peer.train.pipeline import weights_digest
 from recovery.checkfree import CheckFree
 from recovery.rebuild import NeighbourState
-from tests.pipeline_procs_helpers import Watch, kill_stage_while_joiner_waits
+from tests.procs.test_pipeline_procs import Watch, start
 
 pytestmark = pytest.mark.timeout(150)
 
 
 def test_middle_stage_rebuilt_from_neighbours(procs: LocalProcs) -> None:
+    coord = procs.coordinator(extra=["--heartbeat-interval", "0.1"])
+    join = [coord.hostport]
+    dump = procs.workdir / "j-rebuilds.json"
     common = ["--stages", "3", "--steps", "30", "--rebuild", "checkfree", "--admit-every", "1000",
               "--eval-every", "10", "--lr", "3e-3", "--digests"]
-    w, dump, killed = kill_stage_while_joiner_waits(procs, 3, common, 10, "s1")
+    ps = [start(procs, f"s{i}", join, [*common, "--stage", str(i), "--wait-for", "3"]) for i in range(3)]
+    j = start(procs, "j", join, [*common, "--dump-rebuild", str(dump)], hold=True)
+    w = Watch([*ps, j])
+    w.until(lambda: w.committed() >= 10 and bool(w.of("holding", "j")), 100, "step 15 and a loaded joiner", procs)
+    release(procs, "j")
+    w.until(lambda: bool(w.of("pending", "j")), 30, "the joiner to wait for admission", procs)
+    procs.kill("s1")
+    killed = time.time()
     w.until(lambda: all(w.of("done", n) for n in ("s0", "s2", "j")), 100, "the run to finish", procs)
     jd = w.of("done", "j")[0]
     assert jd["stage"] == 1 and jd["steps"] == 30
@@ -45,6 +56,13 @@ def test_middle_stage_rebuilt_from_neighbours(procs: LocalProcs) -> None:
     docs = check_rebuilds(dump, w, CheckFree(), 3)
     assert [(d["stage"], d["how"]) for d in docs] == [(1, "rebuild:checkfree")]
     assert sorted(docs[0]["neighbours"]) == ["0", "2"]
+
+
+def release(procs: LocalProcs, name: str) -> None:
+    stdin = procs.procs[name].popen.stdin
+    assert stdin is not None
+    stdin.write("go\n")
+    stdin.flush()
 
 
 def decode(arrays: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:

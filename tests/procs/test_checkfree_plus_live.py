@@ -12,12 +12,14 @@ and norms as their own peers reported them (``tests.procs.test_checkfree_live.ch
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from peer.sim.procs import LocalProcs
 from recovery.checkfree import CheckFree, embedding_copies
-from tests.pipeline_procs_helpers import Watch, kill_stage_while_joiner_waits, start
-from tests.procs.test_checkfree_live import check_rebuilds
+from tests.procs.test_checkfree_live import check_rebuilds, release
+from tests.procs.test_pipeline_procs import Watch, start
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -27,9 +29,19 @@ HEAD_BYTES = 4 * (2 * WIDTH + VOCAB * WIDTH)          # ln_f weight and bias + h
 
 
 def test_first_stage_rebuilt_from_swap_partner(procs: LocalProcs) -> None:
+    coord = procs.coordinator(extra=["--heartbeat-interval", "0.1"])
+    join = [coord.hostport]
+    dump = procs.workdir / "j-rebuilds.json"
     common = ["--stages", "4", "--steps", "24", "--rebuild", "checkfree+", "--admit-every", "1000",
               "--eval-every", "1000", "--lr", "3e-3", "--digests"]
-    w, dump, killed = kill_stage_while_joiner_waits(procs, 4, common, 8, "s0")
+    ps = [start(procs, f"s{i}", join, [*common, "--stage", str(i), "--wait-for", "4"]) for i in range(4)]
+    j = start(procs, "j", join, [*common, "--dump-rebuild", str(dump)], hold=True)
+    w = Watch([*ps, j])
+    w.until(lambda: w.committed() >= 8 and bool(w.of("holding", "j")), 100, "step 8 and a loaded joiner", procs)
+    release(procs, "j")
+    w.until(lambda: bool(w.of("pending", "j")), 30, "the joiner to wait for admission", procs)
+    procs.kill("s0")
+    killed = time.time()
     survivors = ("s1", "s2", "s3", "j")
     w.until(lambda: all(w.of("done", n) for n in survivors), 100, "the run to finish", procs)
     jd = w.of("done", "j")[0]

@@ -4,15 +4,76 @@ the replicas stay bit-identical."""
 
 from __future__ import annotations
 
+import json
+import os
+import selectors
+import subprocess
 import time
+from typing import Any, Callable
 
 import pytest
 
-from peer.sim.procs import LocalProcs
+from peer.sim.procs import LocalProcs, Proc
 from tests.helpers import FAST_ARGS
-from tests.pipeline_procs_helpers import Watch, start
 
 pytestmark = pytest.mark.timeout(150)
+
+SMALL = ["--data", "synthetic", "--width", "32", "--block", "32", "--micro-batch", "2", "--micro-batches", "4",
+         "--events", "--eval-every", "1000", "--op-timeout", "15", "--log-level", "warning"]
+
+
+def start(lp: LocalProcs, name: str, join: list[str], extra: list[str], hold: bool = False) -> Proc:
+    args = ["--id", name, "--join", ",".join(join), *lp.security_args(name), *FAST_ARGS, *SMALL, *extra]
+    if hold:
+        args.append("--hold")
+    return lp.start(name, "examples.pipeline_lm", args, stdin=subprocess.PIPE if hold else subprocess.DEVNULL)
+
+
+class Watch:
+    """Every peer's JSON events, read as they come (raw non-blocking reads, bounded waits)."""
+
+    def __init__(self, procs: list[Proc]) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.events: list[dict[str, Any]] = []
+        for p in procs:
+            self.add(p)
+
+    def add(self, p: Proc) -> None:
+        assert p.popen.stdout is not None
+        fd = p.popen.stdout.fileno()
+        os.set_blocking(fd, False)
+        self.sel.register(fd, selectors.EVENT_READ, (p.name, bytearray()))
+
+    def poll(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout):
+            name, buf = key.data
+            try:
+                chunk = os.read(key.fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                self.sel.unregister(key.fd)
+                continue
+            buf.extend(chunk)
+            while b"\n" in buf:
+                line, _, rest = bytes(buf).partition(b"\n")
+                buf[:] = rest
+                e = json.loads(line)
+                e["peer"] = name
+                self.events.append(e)
+
+    def until(self, cond: Callable[[], bool], timeout: float, what: str, lp: LocalProcs) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; " + \
+                " | ".join(f"{n}: {lp.log_tail(n, 600)}" for n in lp.procs)
+            self.poll(0.1)
+
+    def of(self, kind: str, peer: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == kind and (peer is None or e["peer"] == peer)]
+
+    def committed(self) -> int:
+        return max((e["step"] + 1 for e in self.of("step") if e["committed"]), default=0)
 
 
 def test_replica_sigkilled_mid_step(procs: LocalProcs) -> None:
