@@ -261,7 +261,7 @@ class Node:
             handle.fail(StaleError(f"{self.id} is stale: rejoin first"))
         elif self.state is not NodeState.MEMBER:
             handle.fail(TooFewPeers(f"{self.id} is not a member yet (state {self.state})",
-                                    reason="not admitted") if self.state is NodeState.REFORMING
+                                    epoch=self.epoch, reason="not admitted") if self.state is NodeState.REFORMING
                         else LocalError(f"{self.id} is not a member (state {self.state})"))
         else:
             self._apply(self.engine.issue(spec, handle, time.monotonic()))

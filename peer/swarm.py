@@ -282,19 +282,24 @@ class Swarm:
                     self.update_topology(timeout=timeout)
                 else:
                     self.comm.barrier(timeout=timeout)
-            except TooFewPeers:
-                self.wait_for_partner(deadline)  # alone: until someone joins (or the deadline)
+            except TooFewPeers as exc:
+                self.wait_for_partner(deadline, since=exc.epoch)  # alone: until someone joins (or the deadline)
 
-    def wait_for_partner(self, deadline: float) -> bool:
+    def wait_for_partner(self, deadline: float, since: int = -1) -> bool:
         """After ``TooFewPeers`` (alone, or a coordinator failover in progress): wait until the membership
         changes or ``deadline`` (a ``time.monotonic()`` value) passes. True: try the op again (the epoch
         changed, or this peer went stale and the next op raises ``StaleError``); False: the deadline passed
-        and the caller gives up (e.g. discards its step). Local work stays valid while it waits."""
+        and the caller gives up (e.g. discards its step). Local work stays valid while it waits.
+
+        ``since``: the epoch the failed op saw (``TooFewPeers.epoch``). Pass it: the membership may change
+        between the failure and this call, and a wait from the epoch read *now* would miss that change and
+        sleep to its deadline (a lone first member whose partner was admitted in that gap, while the partner
+        waits in a barrier for it)."""
         left = deadline - time.monotonic()
         if left <= 0:
             return False
         try:
-            self.wait_epoch_change(self.epoch, left)
+            self.wait_epoch_change(since if since >= 0 else self.epoch, left)
         except DeadlineExceeded:
             return False
         except StaleError:

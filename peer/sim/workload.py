@@ -75,8 +75,8 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
                 progress.write(f"[{swarm.id}] op {committed} committed epoch={metrics['epoch']} "
                                f"members={len(metrics['members'])} {metrics['duration_s'] * 1e3:.0f} ms\n")
                 progress.flush()
-        except TooFewPeers:
-            swarm.wait_for_partner(time.monotonic() + 0.5)  # then check the stop conditions again
+        except TooFewPeers as exc:
+            swarm.wait_for_partner(time.monotonic() + 0.5, since=exc.epoch)  # then check the stop conditions again
         except OpAborted as exc:
             aborted += 1
             # I2: the aborted op must have left our buffer exactly as it was (None: no buffer was involved,

@@ -301,7 +301,8 @@ class DiLoCo:
             if self.swarm.state == "stale":
                 raise StaleError(f"{self.swarm.id} is stale")
             if self.swarm.state != "member":  # a coordinator failover is in progress
-                raise TooFewPeers(f"{self.swarm.id} is {self.swarm.state}", reason="re-forming")
+                raise TooFewPeers(f"{self.swarm.id} is {self.swarm.state}", epoch=self.swarm.epoch,
+                                  reason="re-forming")
             self.swarm.update_topology(self.op_timeout)
         self._exchange()
 
@@ -316,7 +317,7 @@ class DiLoCo:
             except TooFewPeers as exc:
                 # Alone, or the swarm is re-forming: wait for the membership to change, then try again.
                 # Our local steps stay valid while we wait; they are discarded only if we give up.
-                if not self.swarm.wait_for_partner(deadline):
+                if not self.swarm.wait_for_partner(deadline, since=exc.epoch):
                     if entry:
                         raise TooFewPeers(f"{self.swarm.id}: no other peer within "
                                           f"{self.join_timeout:.0f}s", reason="alone") from exc

@@ -219,7 +219,8 @@ class ExpertSync:
             if self.swarm.state == "stale":
                 raise StaleError(f"{self.swarm.id} is stale")
             if self.swarm.state != "member":
-                raise TooFewPeers(f"{self.swarm.id} is {self.swarm.state}", reason="re-forming")
+                raise TooFewPeers(f"{self.swarm.id} is {self.swarm.state}", epoch=self.swarm.epoch,
+                                  reason="re-forming")
             self.swarm.update_topology(self.op_timeout)
         self._exchange()
 
@@ -232,19 +233,12 @@ class ExpertSync:
                 fn()
                 return
             except TooFewPeers as exc:
-                left = deadline - time.monotonic()
-                try:
-                    if left <= 0:
-                        raise DeadlineExceeded("no partner")
-                    self.swarm.wait_epoch_change(self.swarm.epoch, left)
-                except DeadlineExceeded:
+                if not self.swarm.wait_for_partner(deadline, since=exc.epoch):
                     if entry:
                         raise TooFewPeers(f"{self.swarm.id}: no other peer within "
                                           f"{self.join_timeout:.0f}s", reason="alone") from exc
                     self._discard(f"too few peers ({exc.reason or exc})")
                     return
-                except StaleError:
-                    pass  # the next attempt raises StaleError and rejoins
             except (StaleError, CoordinatorUnavailable) as exc:
                 log.warning("%s: %s; rejoining", self.swarm.id, exc)
                 self._discard(f"stale: {exc}")

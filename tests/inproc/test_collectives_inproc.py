@@ -133,6 +133,27 @@ def test_too_few_peers(inproc: InProcess) -> None:
         p.comm.all_reduce(torch.ones(3), timeout=10)
 
 
+def test_a_partner_admitted_between_the_failure_and_the_wait_is_not_missed(inproc: InProcess) -> None:
+    """The lone first member's op fails with ``TooFewPeers``; a partner is admitted before it starts
+    waiting. Waiting from the epoch the failure carries returns at once; waiting from the epoch read after
+    the change would sleep to the deadline (the lost wake-up that hung ``wait_for_members`` in CI)."""
+    [p] = form(inproc, 1)
+    with pytest.raises(TooFewPeers) as failed:
+        p.comm.barrier(timeout=10)
+    assert failed.value.epoch == p.epoch
+    partner = inproc.peer("partner", [inproc.swarms[0].addr.removeprefix("tcp://")])
+    partner.wait_admitted(10)           # admitted at once: a swarm of one runs no collective
+    deadline = time.monotonic() + 10
+    while p.epoch == failed.value.epoch:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    assert p.wait_for_partner(t0 + 5, since=failed.value.epoch)
+    assert time.monotonic() - t0 < 1.0
+    assert not p.wait_for_partner(time.monotonic() + 0.3)    # from the epoch read now: nothing changes
+    run_all([lambda s=s: s.comm.barrier(timeout=10) for s in (p, partner)])
+
+
 def test_joiner_waits_pending_until_topology_update(inproc: InProcess) -> None:
     peers = form(inproc, 2)
     coord = inproc.swarms[0]

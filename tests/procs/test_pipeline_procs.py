@@ -65,9 +65,16 @@ class Watch:
     def until(self, cond: Callable[[], bool], timeout: float, what: str, lp: LocalProcs) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}; " + \
-                " | ".join(f"{n}: {lp.log_tail(n, 600)}" for n in lp.procs)
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; " + self.last_words(lp)
             self.poll(0.1)
+
+    def last_words(self, lp: LocalProcs) -> str:
+        """Each process's last events and log tail, for a timeout's message."""
+        out = []
+        for n in lp.procs:
+            mine = [e for e in self.events if e["peer"] == n][-3:]
+            out.append(f"{n}: events {mine}; log {lp.log_tail(n, 600)!r}")
+        return " | ".join(out)
 
     def of(self, kind: str, peer: str | None = None) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == kind and (peer is None or e["peer"] == peer)]
