@@ -301,8 +301,7 @@ class DiLoCo:
             if self.swarm.state == "stale":
                 raise StaleError(f"{self.swarm.id} is stale")
             if self.swarm.state != "member":  # a coordinator failover is in progress
-                raise TooFewPeers(f"{self.swarm.id} is {self.swarm.state}", epoch=self.swarm.epoch,
-                                  reason="re-forming")
+                raise TooFewPeers(f"{self.swarm.id} is {self.swarm.state}", epoch=self.swarm.epoch, reason="re-forming")
             self.swarm.update_topology(self.op_timeout)
         self._exchange()
 
