@@ -51,19 +51,20 @@ from collectives.errors import LocalError
 from peer.swarm import Swarm
 from peer.train.experts import ExpertLayout, ExpertSync, SyncRecord, expert_map
 from peer.train.experts_own import Expert
-from peer.train.local_group import FAILED, OK, LocalGroup, LocalGroupFailed, SyncClock, lead_then_share
-from peer.train.outer import state_digest
+from peer.train.local_group import OK, LocalGroup, LocalGroupFailed, LocalOuterSync, SyncClock, lead_then_share
 
 log = logging.getLogger(__name__)
 
 MakeOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
-class LocalExpertSync:
+class LocalExpertSync(LocalOuterSync):
     """ExpertSync for a machine of ``group.size`` local ranks: call it the same way on every rank (``swarm``
     and ``sync_kw`` matter on rank 0 only; the other ranks pass ``swarm=None``). ``sync_kw``: ExpertSync's
     keyword arguments (``owners_per_expert``, ``outer_lr``, ``op_timeout``, ``on_sync``, ``resume``, ...);
     ``sync_factory`` builds rank 0's ExpertSync (or a subclass) with them."""
+
+    what = "ExpertSync"
 
     def __init__(self, model: torch.nn.Module, make_optimizer: MakeOptimizer, group: LocalGroup,
                  swarm: Optional[Swarm], *, experts: Optional[Mapping[str, Expert]] = None,
@@ -96,18 +97,14 @@ class LocalExpertSync:
 
     # ------------------------------------------------------------------ the optimizer interface
     @property
+    def lead(self) -> Optional[ExpertSync]:
+        return self.sync
+
+    @property
     def inner(self) -> torch.optim.Optimizer:
         opt = self.sync.inner if self.sync is not None else self._inner
         assert opt is not None
         return opt
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    @property
-    def digest(self) -> bytes:
-        return state_digest(self.theta, self.mom)
 
     @property
     def history(self) -> list[SyncRecord]:
@@ -118,32 +115,11 @@ class LocalExpertSync:
         """The shared parameters and the owned experts' (ExpertSync's order), the same on every rank."""
         return self.layout.shared_params + [p for x in sorted(self.owned) for p in self.layout.expert_params[x]]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
-
     def step(self, samples: float = 1.0) -> None:
         """Every rank: the mean of the gradients over the machine, one inner step; at a sync point rank 0's
         sync with the machine's samples, then its results on every rank."""
         self.group.mean_grads_(self.trainable())
-        machine = self.clock.tick(samples)
-        sync_point = machine is not None
-        if self.sync is None:
-            self.inner.step()
-        else:
-            try:
-                self.sync.step(samples=0.0 if machine is None else machine)
-                if sync_point and self.sync.steps_since != 0:
-                    raise LocalError("rank 0's ExpertSync did not sync at the machine's sync point")
-            except Exception:
-                if sync_point:
-                    self._share(FAILED)
-                raise
-        if sync_point:
-            self._share(OK)
-
-    def finish(self) -> None:
-        """Every rank: the model takes the last synced weights (rank 0's ExpertSync.finish, then broadcast)."""
-        lead_then_share(self.sync.finish if self.sync is not None else None, self._share)
+        self._inner_step(samples)
 
     # ------------------------------------------------------------------ rank 0 -> every rank
     def _share(self, status: int) -> None:

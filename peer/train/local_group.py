@@ -166,18 +166,82 @@ class SyncClock:
         return machine
 
 
-class LocalDiLoCo:
+class LocalOuterSync:
+    """What every local-group strategy shares (``LocalDiLoCo``, ``peer.train.local_experts.LocalExpertSync``):
+    the optimizer interface and the sync-point protocol. Rank 0 holds ``lead`` (the swarm strategy: DiLoCo,
+    ExpertSync); at a sync point it shares its status and results with every rank through ``_share``, and a
+    failure there reaches the other ranks as ``FAILED`` (``LocalGroupFailed`` there) instead of a hang."""
+
+    group: LocalGroup
+    clock: SyncClock
+    theta: np.ndarray     # (N,) outer weights, as on rank 0
+    mom: np.ndarray       # outer momentum, as on rank 0
+    what = "the strategy"
+
+    @property
+    def lead(self) -> Any:
+        """Rank 0's swarm strategy (None on the other ranks)."""
+        raise NotImplementedError
+
+    @property
+    def inner(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @property
+    def digest(self) -> bytes:
+        return state_digest(self.theta, self.mom)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def _share(self, status: int) -> None:
+        raise NotImplementedError
+
+    def _inner_step(self, samples: float) -> None:
+        """One inner step on every rank (gradients already the machine's mean); at a sync point rank 0's
+        sync with the machine's samples, then its results on every rank."""
+        machine = self.clock.tick(samples)
+        sync_point = machine is not None
+        lead = self.lead
+        if lead is None:
+            self.inner.step()
+        else:
+            try:
+                lead.step(samples=0.0 if machine is None else machine)
+                if sync_point and lead.steps_since != 0:
+                    raise LocalError(f"rank 0's {self.what} did not sync at the machine's sync point")
+            except Exception:
+                if sync_point:
+                    self._share(FAILED)
+                raise
+        if sync_point:
+            self._share(OK)
+
+    def finish(self) -> None:
+        """Every rank: rank 0 commits or discards the in-flight round and loads the outer weights; the
+        other ranks receive them."""
+        lead = self.lead
+        lead_then_share(lead.finish if lead is not None else None, self._share)
+
+
+class LocalDiLoCo(LocalOuterSync):
     """DiLoCo for a machine of ``group.size`` local ranks: call it the same way on every rank (``swarm`` and
     ``diloco_kw`` matter on rank 0 only; the other ranks pass ``swarm=None``). ``model`` is the module
     whose parameters the inner optimizer updates (``ddp.module`` for a DDP model). ``diloco_factory``
     builds rank 0's optimizer (``DiLoCo`` or a subclass) with DiLoCo's arguments."""
+
+    what = "DiLoCo"
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, group: LocalGroup,
                  swarm: Optional[Swarm], *, inner_steps: int = 100, fragments: int = 1,
                  diloco_factory: Callable[..., DiLoCo] = DiLoCo, **diloco_kw: Any) -> None:
         if group.is_leader != (swarm is not None):
             raise LocalError("local rank 0 (and only rank 0) passes the swarm")
-        self.model, self.inner, self.group = model, inner_optimizer, group
+        self.model, self._inner, self.group = model, inner_optimizer, group
         self.params = list(model.parameters())
         self.n = sum(p.numel() for p in self.params)
         fragment_bounds([p.numel() for p in self.params], fragments)  # same checks as DiLoCo's
@@ -199,39 +263,17 @@ class LocalDiLoCo:
         self._share(OK)   # every rank starts from the swarm's outer weights
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
+    def lead(self) -> Optional[DiLoCo]:
+        return self.opt
 
     @property
-    def digest(self) -> bytes:
-        return state_digest(self.theta, self.mom)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
+    def inner(self) -> torch.optim.Optimizer:
+        return self._inner
 
     def step(self, samples: float = 1.0) -> None:
         """One inner step on every rank (gradients already averaged by DDP); at a sync point the outer
         sync on rank 0 with the machine's samples, then its results on every rank."""
-        machine = self.clock.tick(samples)
-        sync_point = machine is not None
-        if self.opt is None:
-            self.inner.step()
-        else:
-            try:
-                self.opt.step(samples=0.0 if machine is None else machine)
-            except Exception:
-                if sync_point:
-                    self._share(FAILED)
-                raise
-            if sync_point and self.opt.steps_since != 0:
-                raise LocalError("rank 0's DiLoCo did not sync at the machine's sync point")
-        if sync_point:
-            self._share(OK)
-
-    def finish(self) -> None:
-        """Every rank: rank 0 commits or discards the in-flight round and loads the outer weights; the
-        other ranks receive them."""
-        lead_then_share(self.opt.finish if self.opt is not None else None, self._share)
+        self._inner_step(samples)
 
     def _share(self, status: int) -> None:
         """Rank 0's status, revision, parameters, outer weights and momentum to every rank."""

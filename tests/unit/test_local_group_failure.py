@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from collectives.errors import LocalError
 from peer.train.local_group import LocalDiLoCo, LocalGroupFailed
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,8 +50,8 @@ class FailingOuter:
     """Stands in for rank 0's DiLoCo: inner steps work, the sync at the ``fail_at``-th step raises."""
 
     def __init__(self, model: torch.nn.Module, inner: torch.optim.Optimizer, swarm: Any, *, inner_steps: int,
-                 fragments: int, fail_at: int) -> None:
-        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+                 fragments: int, fail_at: int, lag: bool = False) -> None:
+        self.inner, self.fail_at, self.calls, self.lag = inner, fail_at, 0, lag
         n = sum(p.numel() for p in model.parameters())
         self.theta, self.mom = np.zeros(n, np.float32), np.zeros(n, np.float32)
         self.revision, self.steps_since = 0, 0
@@ -59,13 +60,16 @@ class FailingOuter:
         self.calls += 1
         self.inner.step()
         if self.calls == self.fail_at:
+            if self.lag:            # a clock that disagrees with the machine's: no sync where one is due
+                self.steps_since = 1
+                return
             raise RuntimeError("the swarm's outer sync failed on rank 0")
 
     def finish(self) -> None:
         pass
 
 
-def run_ranks(inner_steps: int, fail_at: int) -> dict[int, Optional[BaseException]]:
+def run_ranks(inner_steps: int, fail_at: int, lag: bool = False) -> dict[int, Optional[BaseException]]:
     shared: dict[str, Any] = {"slots": [None, None], "barrier": threading.Barrier(2)}
     errors: dict[int, Optional[BaseException]] = {}
 
@@ -73,7 +77,7 @@ def run_ranks(inner_steps: int, fail_at: int) -> dict[int, Optional[BaseExceptio
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 2)
         inner = torch.optim.SGD(model.parameters(), lr=0.1)
-        factory: Callable[..., Any] = lambda *a, **kw: FailingOuter(*a, fail_at=fail_at, **kw)
+        factory: Callable[..., Any] = lambda *a, **kw: FailingOuter(*a, fail_at=fail_at, lag=lag, **kw)
         try:
             opt = LocalDiLoCo(model, inner, ThreadGroup(r, 2, shared), object() if r == 0 else None,  # type: ignore[arg-type]
                               inner_steps=inner_steps, diloco_factory=factory)
@@ -82,7 +86,7 @@ def run_ranks(inner_steps: int, fail_at: int) -> dict[int, Optional[BaseExceptio
                 opt.step(samples=1.0)
                 opt.zero_grad()
             errors[r] = None
-        except (RuntimeError, LocalGroupFailed, threading.BrokenBarrierError) as exc:
+        except (RuntimeError, LocalError, LocalGroupFailed, threading.BrokenBarrierError) as exc:
             errors[r] = exc
 
     threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
@@ -103,3 +107,9 @@ def test_rank_0_failing_its_sync_stops_the_other_rank_with_local_group_failed() 
 def test_without_a_failure_both_ranks_run_every_sync_point() -> None:
     errors = run_ranks(inner_steps=2, fail_at=10**9)
     assert errors == {0: None, 1: None}
+
+
+def test_rank_0_missing_a_sync_point_stops_the_other_rank_too() -> None:
+    errors = run_ranks(inner_steps=2, fail_at=4, lag=True)
+    assert isinstance(errors[0], LocalError) and "did not sync" in str(errors[0])
+    assert isinstance(errors[1], LocalGroupFailed), errors[1]
