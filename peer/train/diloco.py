@@ -55,11 +55,11 @@ import numpy as np
 import torch
 
 from collectives import codecs
-from collectives.errors import (CoordinatorUnavailable, DeadlineExceeded, LocalError, OpAborted, StaleError,
-                                TooFewPeers)
+from collectives.errors import DeadlineExceeded, LocalError, OpAborted
 from peer.handle import Handle
 from peer.logs import peer_log
 from peer.swarm import Swarm, with_retry
+from peer.train.rounds import admit_then, guarded
 from peer.train.outer import flatten_params, fragment_bounds, load_params, outer_sgd, state_digest, weight_scale
 from recovery.shared_state import NoSource, SharedState, sync
 from recovery.snapshot import Snapshot
@@ -297,41 +297,12 @@ class DiLoCo:
         self._guarded(self._topology_and_exchange)
 
     def _topology_and_exchange(self) -> None:
-        if self.swarm.peers_pending:
-            if self.swarm.state == "stale":
-                raise StaleError(f"{self.swarm.id} is stale")
-            if self.swarm.state != "member":  # a coordinator failover is in progress
-                raise TooFewPeers(f"{self.swarm.id} is {self.swarm.state}", epoch=self.swarm.epoch, reason="re-forming")
-            self.swarm.update_topology(self.op_timeout)
-        self._exchange()
+        admit_then(self.swarm, self.op_timeout, self._exchange)
 
     def _guarded(self, fn: Callable[[], None], entry: bool = False) -> None:
-        """Run a sync step; handle what a retry on the survivors cannot: being alone, a coordinator
-        failover in progress, staleness, deadlines. Nothing is half-applied on any path."""
-        deadline = time.monotonic() + (self.join_timeout if entry else self.alone_wait)
-        while True:
-            try:
-                fn()
-                return
-            except TooFewPeers as exc:
-                # Alone, or the swarm is re-forming: wait for the membership to change, then try again.
-                # Our local steps stay valid while we wait; they are discarded only if we give up.
-                if not self.swarm.wait_for_partner(deadline, since=exc.epoch):
-                    if entry:
-                        raise TooFewPeers(f"{self.swarm.id}: no other peer within "
-                                          f"{self.join_timeout:.0f}s", reason="alone") from exc
-                    self._discard(f"too few peers ({exc.reason or exc})")
-                    return
-            except (StaleError, CoordinatorUnavailable) as exc:
-                self.log.warning("%s; rejoining", exc)
-                self._discard(f"stale: {exc}")
-                self.swarm.rejoin(self.join_timeout)
-                fn, entry = (lambda: self._exchange(entry=True)), True   # it enters like any joiner
-                deadline = time.monotonic() + self.join_timeout
-            except (OpAborted, DeadlineExceeded) as exc:
-                # retries exhausted, or an op's fate unknown: the next round's state sync repairs any gap
-                self._discard(f"{type(exc).__name__}: {exc}")
-                return
+        """``peer.train.rounds.guarded``: nothing is half-applied on any path."""
+        guarded(self.swarm, fn, entry=entry, enter=lambda: self._exchange(entry=True), discard=self._discard,
+                join_timeout=self.join_timeout, alone_wait=self.alone_wait)
 
     # ------------------------------------------------------------------ the exchange
     def _exchange(self, entry: bool = False) -> None:

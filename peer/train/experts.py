@@ -51,9 +51,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from collectives.errors import (CoordinatorUnavailable, DeadlineExceeded, LocalError, OpAborted, StaleError,
-                                TooFewPeers)
+from collectives.errors import DeadlineExceeded, LocalError, OpAborted, StaleError, TooFewPeers
 from peer.swarm import Swarm, with_retry
+from peer.train.rounds import admit_then, guarded
 from peer.train.experts_layout import ExpertLayout, expert_map
 from peer.train.experts_merge import MergeWarmup, merge_layer
 from peer.train.experts_own import Expert, moved, owned_by, owners, senders
@@ -215,39 +215,12 @@ class ExpertSync:
         self._guarded(lambda: self._exchange(entry=True), entry=True)
 
     def _topology_and_exchange(self) -> None:
-        if self.swarm.peers_pending:
-            if self.swarm.state == "stale":
-                raise StaleError(f"{self.swarm.id} is stale")
-            if self.swarm.state != "member":
-                raise TooFewPeers(f"{self.swarm.id} is {self.swarm.state}", epoch=self.swarm.epoch,
-                                  reason="re-forming")
-            self.swarm.update_topology(self.op_timeout)
-        self._exchange()
+        admit_then(self.swarm, self.op_timeout, self._exchange)
 
     def _guarded(self, fn: Callable[[], None], entry: bool = False) -> None:
-        """Run a sync; handle what a retry on the survivors cannot (alone, re-forming, stale, deadlines).
-        Nothing is half-applied on any path (as ``DiLoCo._guarded``)."""
-        deadline = time.monotonic() + (self.join_timeout if entry else self.alone_wait)
-        while True:
-            try:
-                fn()
-                return
-            except TooFewPeers as exc:
-                if not self.swarm.wait_for_partner(deadline, since=exc.epoch):
-                    if entry:
-                        raise TooFewPeers(f"{self.swarm.id}: no other peer within "
-                                          f"{self.join_timeout:.0f}s", reason="alone") from exc
-                    self._discard(f"too few peers ({exc.reason or exc})")
-                    return
-            except (StaleError, CoordinatorUnavailable) as exc:
-                log.warning("%s: %s; rejoining", self.swarm.id, exc)
-                self._discard(f"stale: {exc}")
-                self.swarm.rejoin(self.join_timeout)
-                fn, entry = (lambda: self._exchange(entry=True)), True
-                deadline = time.monotonic() + self.join_timeout
-            except (OpAborted, DeadlineExceeded) as exc:
-                self._discard(f"{type(exc).__name__}: {exc}")
-                return
+        """``peer.train.rounds.guarded``: nothing is half-applied on any path."""
+        guarded(self.swarm, fn, entry=entry, enter=lambda: self._exchange(entry=True), discard=self._discard,
+                join_timeout=self.join_timeout, alone_wait=self.alone_wait)
 
     def _exchange(self, entry: bool = False) -> None:
         t0, sent0, recv0 = time.monotonic(), *self._bytes()
