@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import selectors
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from examples.pipeline_lm import format_event
+from peer.sim.events import EventStream
 from peer.sim.procs import LocalProcs, Proc
 
 FAST = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--coordinator-timeout", "3",
@@ -49,61 +48,22 @@ class PipeProcs(LocalProcs):
         return self
 
 
-class Events:
-    """The JSON event lines of every peer, as they come (raw non-blocking reads), printed readably."""
+class Events(EventStream):
+    """The JSON event lines of every peer, as they come, printed readably."""
+
+    every = 0.2
 
     def __init__(self, t0: float, quiet: bool) -> None:
-        self.sel = selectors.DefaultSelector()
+        super().__init__()
         self.t0, self.quiet = t0, quiet
-        self.all: list[dict[str, Any]] = []
-        self.committed = 0
-        self.eof: set[str] = set()
-
-    def watch(self, proc: Proc) -> None:
-        assert proc.popen.stdout is not None
-        fd = proc.popen.stdout.fileno()
-        os.set_blocking(fd, False)
-        self.sel.register(fd, selectors.EVENT_READ, (proc, bytearray()))
 
     def say(self, text: str) -> None:
         if not self.quiet:
             print(f"[{time.time() - self.t0:6.1f}s] {text}", flush=True)
 
-    def poll(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
-            proc, buf = key.data
-            try:
-                chunk = os.read(key.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                self.sel.unregister(key.fd)
-                self.eof.add(proc.name)
-                continue
-            buf.extend(chunk)
-            while b"\n" in buf:
-                line, _, rest = bytes(buf).partition(b"\n")
-                buf[:] = rest
-                try:
-                    e = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                e["peer"] = proc.name
-                self.all.append(e)
-                if e["event"] == "step" and e["committed"]:
-                    self.committed = max(self.committed, e["step"] + 1)
-                if e["event"] != "step" or not e["committed"] or e["stage"] == 0 or e["recoveries"]:
-                    self.say(format_event(e))   # one line per step (from stage 0's peers), all else
-
-    def wait(self, cond: Any, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
-            self.poll(0.2)
-
-    def of(self, kind: str, peer: Optional[str] = None) -> list[dict[str, Any]]:
-        return [e for e in self.all if e["event"] == kind and (peer is None or e["peer"] == peer)]
+    def on_event(self, e: dict[str, Any]) -> None:
+        if e["event"] != "step" or not e["committed"] or e["stage"] == 0 or e["recoveries"]:
+            self.say(format_event(e))   # one line per step (from stage 0's peers), all else
 
 
 def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -118,28 +78,28 @@ def run(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         join = [coord.hostport]
         names = [f"s{s}r{r}" for s in range(a.stages) for r in range(a.replicas)]
         for n in names:
-            ev.watch(lp.stage_peer(n, join, [*common, "--stage", n[1], "--wait-for", str(len(names))]))
-        ev.watch(lp.stage_peer("joiner", join, common, hold=True))
+            ev.add(lp.stage_peer(n, join, [*common, "--stage", n[1], "--wait-for", str(len(names))]))
+        ev.add(lp.stage_peer("joiner", join, common, hold=True))
         k1, k2 = a.steps // 4, a.steps // 2
-        ev.wait(lambda: ev.committed >= k1, a.timeout, f"step {k1}")
+        ev.until(lambda: ev.committed() >= k1, a.timeout, f"step {k1}")
         victim1 = "s1r1"
         lp.kill(victim1)
         marks.append((time.time() - t0, f"KILL {victim1}"))
         ev.say(f"SIGKILL {victim1} (one replica of stage 1)")
         kill1 = time.time()
         # the joiner waits (admitted only every --admit-every steps, or when a stage needs a member) ...
-        ev.wait(lambda: ev.committed >= k2 and ev.committed % a.admit_every not in (0, a.admit_every - 1),
+        ev.until(lambda: ev.committed() >= k2 and ev.committed() % a.admit_every not in (0, a.admit_every - 1),
                 a.timeout, f"step {k2}")
-        ev.wait(lambda: bool(ev.of("holding", "joiner")), 60, "the joiner to load")
+        ev.until(lambda: bool(ev.of("holding", "joiner")), 60, "the joiner to load")
         lp.release("joiner")
-        ev.wait(lambda: bool(ev.of("pending", "joiner")), 30, "the joiner to be pending")
+        ev.until(lambda: bool(ev.of("pending", "joiner")), 30, "the joiner to be pending")
         victim2 = "s1r0"
         lp.kill(victim2)                      # ... while the last replica of middle stage 1 dies
         kill2 = time.time()
         marks.append((kill2 - t0, f"KILL {victim2} (JOINER WAITS)"))
         ev.say(f"SIGKILL {victim2} (the last replica of stage 1) while a joiner waits")
         live = [n for n in names if n not in (victim1, victim2)] + ["joiner"]
-        ev.wait(lambda: all(ev.of("done", n) or ev.of("stage_lost", n) or n in ev.eof for n in live),
+        ev.until(lambda: all(ev.of("done", n) or ev.of("stage_lost", n) or n in ev.eof for n in live),
                 a.timeout, "the peers to finish")
         for n in live:
             try:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import selectors
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from examples.train_swarm import format_round
+from peer.sim.events import EventStream
 from peer.sim.procs import LocalProcs, Proc
 
 # failure detection sized for one loaded machine (the defaults are sized for the internet)
@@ -53,64 +52,33 @@ class TrainProcs(LocalProcs):
         stdin.flush()
 
 
-class Events:
+class Events(EventStream):
     """Reads the JSON event lines of every trainer as they come, prints them readably, keeps them."""
 
     def __init__(self, t0: float, log_path: Path) -> None:
-        self.sel = selectors.DefaultSelector()
+        super().__init__()
         self.t0 = t0
-        self.all: list[dict[str, Any]] = []
         self.done: dict[str, dict[str, Any]] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.revision = 0
-        self.eof: set[str] = set()
         self.log = open(log_path, "a", encoding="utf-8")
-
-    def watch(self, proc: Proc) -> None:
-        assert proc.popen.stdout is not None
-        fd = proc.popen.stdout.fileno()
-        os.set_blocking(fd, False)
-        self.sel.register(fd, selectors.EVENT_READ, (proc, bytearray()))
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
 
-    def poll(self, timeout: float) -> None:
-        # raw reads: a buffered readline() would hide lines that already left the pipe from select()
-        for key, _ in self.sel.select(timeout):
-            proc, buf = key.data
-            try:
-                chunk = os.read(key.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                self.sel.unregister(key.fd)
-                self.eof.add(proc.name)
-                continue
-            buf += chunk
-            while b"\n" in buf:
-                raw, _, rest = bytes(buf).partition(b"\n")
-                buf[:] = rest
-                self._handle(proc, raw)
-
-    def _handle(self, proc: Proc, raw: bytes) -> None:
-        try:
-            e = json.loads(raw)
-        except json.JSONDecodeError:
-            return
-        e.setdefault("peer", proc.name)
+    def on_event(self, e: dict[str, Any]) -> None:
         e["wall"] = time.time()
-        self.all.append(e)
         self.log.write(json.dumps(e) + "\n")
         self.log.flush()
-        if e.get("event") == "round":
-            self.last[proc.name] = e
+        name = e["peer"]
+        if e["event"] == "round":
+            self.last[name] = e
             self.revision = max(self.revision, e["revision"])
             print(f"[{time.monotonic() - self.t0:6.1f}s] {format_round(e)}", flush=True)
-        elif e.get("event") == "done":
-            self.done[proc.name] = e
-        elif e.get("event") == "listening":
-            self.say(f"[{proc.name}] up on {e['addr']} (model: {e['params']} parameters)")
+        elif e["event"] == "done":
+            self.done[name] = e
+        elif e["event"] == "listening":
+            self.say(f"[{name}] up on {e['addr']} (model: {e['params']} parameters)")
 
     def note(self, record: dict[str, Any]) -> None:
         """Log a record of the harness (a fault it injected) next to the trainers' events, for ``--plot-only``."""
@@ -118,7 +86,7 @@ class Events:
         self.log.flush()
 
     def close(self) -> None:
-        self.sel.close()
+        super().close()
         self.log.close()
 
 
@@ -138,9 +106,9 @@ def run(a: argparse.Namespace) -> int:
         coord = lp.coordinator(extra=FAST)
         ev.say(f"coordinator listening on {coord.addr}; {a.peers} peers load the stdlib corpus and start")
         for n in names:
-            ev.watch(lp.trainer(n, [coord.hostport], [*train_args, "--wait-for", str(a.peers)]))
+            ev.add(lp.trainer(n, [coord.hostport], [*train_args, "--wait-for", str(a.peers)]))
         # the late joiner starts now too (loading takes seconds) but holds until it is told to join
-        ev.watch(lp.trainer(joiner, [coord.hostport], train_args, hold=True))
+        ev.add(lp.trainer(joiner, [coord.hostport], train_args, hold=True))
         syncs = a.outer_steps * (a.fragments if a.mode == "streaming" else 1)  # revisions the run makes
         kill_at, join_at = int(syncs * a.kill_at), int(syncs * a.join_at)
         killed = joined = False
@@ -173,14 +141,14 @@ def run(a: argparse.Namespace) -> int:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     print_table(summary)
     plot_path = workdir / "validation_loss.png"
-    plot(ev.all, faults, plot_path, subtitle=describe(a))
+    plot(ev.events, faults, plot_path, subtitle=describe(a))
     print(f"\nplot: {plot_path}\nlogs and events: {workdir}")
     return 0 if summary["parity"] else 1
 
 
 def summarize(ev: Events, faults: list[dict[str, Any]], names: list[str], victim: str,
               a: argparse.Namespace) -> dict[str, Any]:
-    rounds = [e for e in ev.all if e.get("event") == "round"]
+    rounds = [e for e in ev.events if e.get("event") == "round"]
     per_peer = {}
     for n in names:
         d, last = ev.done.get(n), ev.last.get(n)

@@ -21,66 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import mean, median
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+from peer.sim.events import EventStream
 from peer.sim.procs import LocalProcs, Proc
 
 FAST = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "2.5", "--coordinator-timeout", "2.5",
         "--reform-window", "1.0", "--op-progress-timeout", "8"]
 WORKER = "examples.pipeline_lm"
-
-
-class Watch:
-    def __init__(self) -> None:
-        self.sel = selectors.DefaultSelector()
-        self.events: list[dict[str, Any]] = []
-
-    def add(self, p: Proc) -> None:
-        assert p.popen.stdout is not None
-        fd = p.popen.stdout.fileno()
-        os.set_blocking(fd, False)
-        self.sel.register(fd, selectors.EVENT_READ, (p.name, bytearray()))
-
-    def poll(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
-            name, buf = key.data
-            try:
-                chunk = os.read(key.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                self.sel.unregister(key.fd)
-                continue
-            buf.extend(chunk)
-            while b"\n" in buf:
-                line, _, rest = bytes(buf).partition(b"\n")
-                buf[:] = rest
-                try:
-                    e = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                e["peer"] = name
-                self.events.append(e)
-
-    def until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
-            self.poll(0.1)
-
-    def of(self, kind: str, peer: Optional[str] = None) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == kind and (peer is None or e["peer"] == peer)]
-
-    def committed(self) -> int:
-        return max((e["step"] + 1 for e in self.of("step") if e["committed"]), default=0)
 
 
 def model_args(a: argparse.Namespace, stages: int) -> list[str]:
@@ -104,7 +58,7 @@ def release(lp: LocalProcs, name: str) -> None:
 
 def baseline(a: argparse.Namespace, stages: int, threads: int, workdir: Path) -> dict[str, Any]:
     with LocalProcs(workdir, insecure=True) as lp:
-        w = Watch()
+        w = EventStream()
         w.add(start(lp, "single", [*model_args(a, stages), "--single", "--threads", str(threads),
                                    "--steps", str(a.steps)]))
         w.until(lambda: bool(w.of("done")), a.timeout, "the baseline")
@@ -116,7 +70,7 @@ def baseline(a: argparse.Namespace, stages: int, threads: int, workdir: Path) ->
 def pipeline(a: argparse.Namespace, stages: int, workdir: Path) -> dict[str, Any]:
     with LocalProcs(workdir, insecure=True) as lp:
         coord = lp.coordinator(extra=["--insecure", *FAST])
-        w = Watch()
+        w = EventStream()
         for s in range(stages):
             w.add(start(lp, f"s{s}", ["--id", f"s{s}", "--join", coord.hostport, "--insecure", *FAST,
                                       *model_args(a, stages), "--stage", str(s), "--wait-for", str(stages),
@@ -144,7 +98,7 @@ def recovery(a: argparse.Namespace, workdir: Path) -> dict[str, Any]:
               "--rebuild", "checkfree", "--admit-every", "1000000"]
     with LocalProcs(workdir, insecure=True) as lp:
         coord = lp.coordinator(extra=["--insecure", *FAST])
-        w = Watch()
+        w = EventStream()
         layout = {"a0": 0, "a1": 0, "b": 1, "c": 2}
         for n, s in layout.items():
             w.add(start(lp, n, ["--id", n, "--join", coord.hostport, *common, "--stage", str(s),

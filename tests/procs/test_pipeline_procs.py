@@ -4,15 +4,13 @@ the replicas stay bit-identical."""
 
 from __future__ import annotations
 
-import json
-import os
-import selectors
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Callable, Optional
 
 import pytest
 
+from peer.sim.events import EventStream
 from peer.sim.procs import LocalProcs, Proc
 from tests.helpers import FAST_ARGS
 
@@ -29,58 +27,28 @@ def start(lp: LocalProcs, name: str, join: list[str], extra: list[str], hold: bo
     return lp.start(name, "examples.pipeline_lm", args, stdin=subprocess.PIPE if hold else subprocess.DEVNULL)
 
 
-class Watch:
-    """Every peer's JSON events, read as they come (raw non-blocking reads, bounded waits)."""
+class Watch(EventStream):
+    """Every peer's JSON events, read as they come (strict: a line that is not an event fails the test)."""
 
     def __init__(self, procs: list[Proc]) -> None:
-        self.sel = selectors.DefaultSelector()
-        self.events: list[dict[str, Any]] = []
+        super().__init__(strict=True)
+        self.lp: Optional[LocalProcs] = None
         for p in procs:
             self.add(p)
 
-    def add(self, p: Proc) -> None:
-        assert p.popen.stdout is not None
-        fd = p.popen.stdout.fileno()
-        os.set_blocking(fd, False)
-        self.sel.register(fd, selectors.EVENT_READ, (p.name, bytearray()))
+    def until(self, cond: Callable[[], bool], timeout: float, what: str, lp: Optional[LocalProcs] = None) -> None:
+        self.lp = lp or self.lp
+        super().until(cond, timeout, what)
 
-    def poll(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
-            name, buf = key.data
-            try:
-                chunk = os.read(key.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                self.sel.unregister(key.fd)
-                continue
-            buf.extend(chunk)
-            while b"\n" in buf:
-                line, _, rest = bytes(buf).partition(b"\n")
-                buf[:] = rest
-                e = json.loads(line)
-                e["peer"] = name
-                self.events.append(e)
-
-    def until(self, cond: Callable[[], bool], timeout: float, what: str, lp: LocalProcs) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}; " + self.last_words(lp)
-            self.poll(0.1)
-
-    def last_words(self, lp: LocalProcs) -> str:
-        """Each process's last events and log tail, for a timeout's message."""
+    def explain(self) -> str:
+        """Each process's last events and log tail."""
+        if self.lp is None:
+            return ""
         out = []
-        for n in lp.procs:
+        for n in self.lp.procs:
             mine = [e for e in self.events if e["peer"] == n][-3:]
-            out.append(f"{n}: events {mine}; log {lp.log_tail(n, 600)!r}")
-        return " | ".join(out)
-
-    def of(self, kind: str, peer: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == kind and (peer is None or e["peer"] == peer)]
-
-    def committed(self) -> int:
-        return max((e["step"] + 1 for e in self.of("step") if e["committed"]), default=0)
+            out.append(f"{n}: events {mine}; log {self.lp.log_tail(n, 600)!r}")
+        return "; " + " | ".join(out)
 
 
 def test_replica_sigkilled_mid_step(procs: LocalProcs) -> None:
