@@ -193,20 +193,28 @@ def test_a_local_rank_dying_fails_the_whole_peer_and_the_swarm_sees_it_leave(
         return opt
 
     m = launch_machine(tmp_path, "m1", 2, machine_args(inproc, coord, 1, ["--outer-steps", "1000"]))
+    kill_a_rank_after_a_sync(m, "m-1", "round", alone, train_alone, stop)
+
+
+def kill_a_rank_after_a_sync(m: Machine, peer_id: str, sync_event: str, alone: Swarm, train_alone: Any,
+                             stop: threading.Event) -> None:
+    """``train_alone`` (the in-process peer's loop, until ``stop``) in a thread; once machine ``m`` (swarm
+    id ``peer_id``) has a committed ``sync_event`` of revision >= 1, SIGKILL its local rank 1: its rank 0
+    must exit with an error, never hang, and the swarm must see exactly one peer leave."""
     worker = threading.Thread(target=train_alone, daemon=True)
     try:
-        worker.start()  # blocks in DiLoCo's entry until m-1 joins (the coordinator admits it)
+        worker.start()  # blocks in the strategy's entry until the machine joins (the coordinator admits it)
         deadline = time.monotonic() + 90
-        while True:  # m-1 took part in a committed outer step
+        while True:  # the machine took part in a committed sync
             e = m.read(0, max(0.1, deadline - time.monotonic()))
-            if e.get("event") == "round" and e["committed"] and e["revision"] >= 1:
+            if e.get("event") == sync_event and e["committed"] and e["revision"] >= 1:
                 break
         m.procs[1].kill()  # SIGKILL one local rank of the machine
         m.procs[0].wait(timeout=45)  # its rank 0 stops: the next local collective fails, never a hang
         assert m.procs[0].returncode not in (0, None)
         assert "the whole peer stops" in m.tail(0)
         deadline = time.monotonic() + 4 * HB_TIMEOUT + 20
-        while "m-1" in alone.members:  # the swarm sees one peer leave
+        while peer_id in alone.members:  # the swarm sees one peer leave
             assert time.monotonic() < deadline, alone.members
             time.sleep(0.05)
         assert alone.members == [alone.id]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -32,8 +31,8 @@ from examples.moe_lm import MoELM
 from examples.multi_gpu_peer import params_digest, tiny_moe, tiny_moe_batch
 from peer import Swarm
 from peer.train.experts import ExpertSync
-from tests.helpers import HB_TIMEOUT, InProcess, form_swarm, run_all
-from tests.procs.test_local_group import Machine, launch_machine
+from tests.helpers import InProcess, form_swarm, run_all
+from tests.procs.test_local_group import Machine, kill_a_rank_after_a_sync, launch_machine
 
 pytestmark = pytest.mark.timeout(240)  # 4 processes importing torch on a loaded 2-core box
 
@@ -163,24 +162,4 @@ def test_a_local_rank_dying_fails_the_whole_peer_and_the_swarm_sees_it_leave(
             step += 1
 
     m = launch_machine(tmp_path, "m1", 2, machine_args(inproc, coord, 1, ["--outer-steps", "1000"]))
-    worker = threading.Thread(target=train_alone, daemon=True)
-    try:
-        worker.start()  # blocks in ExpertSync's entry until p1 joins (the coordinator admits it)
-        deadline = time.monotonic() + 90
-        while True:  # p1 took part in a committed sync
-            e = m.read(0, max(0.1, deadline - time.monotonic()))
-            if e.get("event") == "sync" and e["committed"] and e["revision"] >= 1:
-                break
-        m.procs[1].kill()  # SIGKILL one local rank of the machine
-        m.procs[0].wait(timeout=45)  # its rank 0 stops: the next local collective fails, never a hang
-        assert m.procs[0].returncode not in (0, None)
-        assert "the whole peer stops" in m.tail(0)
-        deadline = time.monotonic() + 4 * HB_TIMEOUT + 20
-        while "p1" in alone.members:  # the swarm sees one peer leave
-            assert time.monotonic() < deadline, alone.members
-            time.sleep(0.05)
-        assert alone.members == [alone.id]
-    finally:
-        stop.set()
-        m.close()
-        worker.join(30)
+    kill_a_rank_after_a_sync(m, "p1", "sync", alone, train_alone, stop)
