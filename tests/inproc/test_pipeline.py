@@ -4,7 +4,7 @@ committed step, a replica lost mid-step, garbage activations, stage reassignment
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -37,6 +37,9 @@ def get_batch(step: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.sin(2 * x)
 
 
+Batch = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
 def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((out - y) ** 2).mean()
 
@@ -59,24 +62,32 @@ def train(swarm: Swarm, steps: int, n: int = 2, hook: Optional[Any] = None, **kw
     return pipe
 
 
-def reference(steps: int, n: int = 2) -> tuple[list[torch.nn.Module], list[float]]:
-    stages = make_stages(n)
-    opts = [make_opt(list(s.parameters())) for s in stages]
+def train_in_one_process(stages: list[torch.nn.Module], steps: int, batch: Batch = get_batch,
+                         opt: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] = make_opt,
+                         micro: int = M) -> list[float]:
+    """The pipeline's exact maths in one process: per step, ``micro`` micro-batches through every stage in
+    order, each loss / micro backpropagated, then one optimizer step per stage. Returns the mean losses."""
+    opts = [opt(list(s.parameters())) for s in stages]
     losses = []
     for step in range(steps):
         total = 0.0
-        for m in range(M):
-            x, y = get_batch(step, m)
+        for m in range(micro):
+            x, y = batch(step, m)
             for s in stages:
                 x = s(x)
             loss = mse(x, y)
-            (loss / M).backward()
+            (loss / micro).backward()
             total += float(loss.detach())
         for o in opts:
             o.step()
             o.zero_grad()
-        losses.append(total / M)
-    return stages, losses
+        losses.append(total / micro)
+    return losses
+
+
+def reference(steps: int, n: int = 2) -> tuple[list[torch.nn.Module], list[float]]:
+    stages = make_stages(n)
+    return stages, train_in_one_process(stages, steps)
 
 
 def weights(m: torch.nn.Module) -> list[torch.Tensor]:

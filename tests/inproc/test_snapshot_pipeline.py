@@ -24,6 +24,7 @@ from peer.train.pipeline import Pipeline
 from peer.train.pipeline_snapshots import StageLayout, open_union, resume_and_snapshot, resume_pipeline
 from recovery.snapshot import SnapshotCorrupt, SnapshotError, SnapshotNotFound, open_snapshot
 from tests.helpers import InProcess, form_swarm, run_all
+from tests.inproc.test_pipeline import train_in_one_process
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -108,21 +109,7 @@ def union_weights(paths: list[Path], layout: StageLayout) -> dict[str, bytes]:
 def reference(steps: int) -> tuple[dict[str, bytes], list[float]]:
     """One process training the whole model (the 2-stage modules, initial weights as the swarm's)."""
     stages = [make_stages(2, seed=200)[0], make_stages(2, seed=201)[1]]   # what peers 0 and 1 built
-    opts = [make_opt(list(s.parameters())) for s in stages]
-    losses = []
-    for step in range(steps):
-        total = 0.0
-        for m in range(M):
-            x, y = get_batch(step, m)
-            for s in stages:
-                x = s(x)
-            loss = mse(x, y)
-            (loss / M).backward()
-            total += float(loss.detach())
-        for o in opts:
-            o.step()
-            o.zero_grad()
-        losses.append(total / M)
+    losses = train_in_one_process(stages, steps, get_batch, make_opt, M)
     return global_weights(stages, StageLayout.numbered(stages), [0, 1]), losses
 
 
