@@ -13,7 +13,8 @@ On each machine (same swarm secret everywhere; ``swarmtrain keygen --secret swar
 ``--model charlm`` (default) trains the byte-level LM of ``examples/charlm.py``; ``--model tiny`` is the
 4-6-2 MLP on synthetic data the tests use. ``--workload experts`` trains the MoE LM of ``examples/moe_lm.py``
 with sparse expert sync instead (``LocalExpertSync``, no DDP; ``--model tiny``: a tiny MoE on random bytes;
-no snapshots)::
+no snapshots); ``--workload pipeline`` serves one pipeline stage, each micro-batch split over the local ranks
+(``LocalPipeline``; ``examples/multi_gpu_pipeline.py``)::
 
     torchrun --standalone --nproc-per-node 8 examples/multi_gpu_peer.py --workload experts --join firsthost:7000 \\
         --secret swarm.secret --inner-steps 50 --owners-per-expert 2
@@ -66,8 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--group-timeout", type=float, default=1800.0,
                     help="seconds before a collective of the machine's process group fails (default 1800; "
                          "longer than the slowest outer sync)")
-    ap.add_argument("--workload", choices=["diloco", "experts"], default="diloco",
-                    help="diloco: DDP + DiLoCo; experts: an MoE LM with sparse expert sync")
+    ap.add_argument("--workload", choices=["diloco", "experts", "pipeline"], default="diloco",
+                    help="diloco: DDP + DiLoCo; experts: an MoE LM with sparse expert sync; pipeline: one "
+                         "pipeline stage, each micro-batch split over the local ranks (examples/multi_gpu_pipeline.py)")
+    ap.add_argument("--stages", type=int, default=4, help="--workload pipeline: pipeline stages")
+    ap.add_argument("--stage", type=int, default=-1, help="--workload pipeline: ask to serve this stage")
+    ap.add_argument("--blocks-per-stage", type=int, default=2, help="--workload pipeline --model charlm")
+    ap.add_argument("--micro-batches", type=int, default=8, help="--workload pipeline: per step")
+    ap.add_argument("--steps", type=int, default=100, help="--workload pipeline: stop at this many committed steps")
     ap.add_argument("--model", choices=["charlm", "tiny"], default="charlm")
     ap.add_argument("--owners-per-expert", type=int, default=2, help="--workload experts: owners of an expert")
     ap.add_argument("--seed", type=int, default=0, help="model init seed (the same on every machine)")
@@ -142,6 +149,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if a.workload == "experts":
         return train_experts(a, group, pid, machine, emit)
+    if a.workload == "pipeline":
+        if a.snapshot_dir or a.resume:
+            raise SystemExit("--snapshot-dir and --resume: --workload diloco only in this example")
+        from examples.multi_gpu_pipeline import train_pipeline
+        swarm = leader_swarm(a, group, pid, emit)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        return train_pipeline(a, group, pid, swarm, emit)
     if a.model == "tiny":
         module = tiny_model(a.seed).to(group.device)
     else:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
+from examples.multi_gpu_pipeline import D as TINY_D, H as TINY_H, tiny_stages
 from peer import Swarm
 from peer.train.pipeline import Pipeline, StepRecord
 from tests.helpers import InProcess, form_swarm, run_all
@@ -19,16 +20,9 @@ D, H, B, M, LR = 6, 10, 3, 4, 0.02
 
 
 def make_stages(n: int = 2, seed: int = 0) -> list[torch.nn.Module]:
-    g = torch.Generator().manual_seed(seed)
-    dims = [D] + [H] * (n - 1) + [D]
-    stages: list[torch.nn.Module] = []
-    for i in range(n):
-        lin = torch.nn.Linear(dims[i], dims[i + 1])
-        with torch.no_grad():
-            for p in lin.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-        stages.append(torch.nn.Sequential(lin, torch.nn.Tanh()) if i < n - 1 else lin)
-    return stages
+    """Linear(D, H) + Tanh, ..., Linear(H, D): the example's tiny stages (D = 6, H = 10)."""
+    assert (D, H) == (TINY_D, TINY_H)
+    return tiny_stages(n, seed)
 
 
 def get_batch(step: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
