@@ -62,14 +62,35 @@ class Comm(Protocol):
     def recv_async(self, tensor: Any, src: str) -> Any: ...
 
 
+MIRROR_CPU = False   # tests: mirror CPU tensors too, so the device path (mirror, write-back) runs on CPU
+
+
 class SharedState:
-    """Named tensors (torch CPU tensors or numpy arrays, modified in place) and a revision number."""
+    """Named tensors (torch tensors or numpy arrays, modified in place) and a revision number.
+
+    A torch tensor on a device (CUDA) is synced through a host copy made here; ``sync`` writes the tensors it
+    fetched back to the device tensors only when the whole sync succeeded (``write_back``), so a failed
+    sync leaves the device tensors as they were."""
 
     def __init__(self, named: Mapping[str, Any], revision: int = 0) -> None:
-        self.tensors = dict(sorted(named.items()))
+        self.device: dict[str, Any] = {}            # name -> the device tensor behind a host copy
+        host: dict[str, Any] = {}
+        for n, t in sorted(named.items()):
+            if type(t).__module__.startswith("torch") and (t.device.type != "cpu" or MIRROR_CPU):
+                self.device[n] = t
+                t = t.detach().to("cpu", copy=True).contiguous()
+            host[n] = t
+        self.tensors = host
         self.revision = revision
         self.last_synced = -1
         self._views = {n: tensors.flat_view(t) for n, t in self.tensors.items()}
+
+    def write_back(self, names: Sequence[str]) -> None:
+        """Copy the host copies of ``names`` into their device tensors (names without one: nothing)."""
+        for n in names:
+            dev = self.device.get(n)
+            if dev is not None:
+                dev.detach().copy_(self.tensors[n])
 
     @property
     def names(self) -> list[str]:
@@ -173,6 +194,7 @@ def sync(comm: Comm, state: SharedState, strategy: str = "enforce_popular", time
         result.rounds = attempt
     if comm.me in send_only and dirty[comm.me]:
         raise StateMismatch(f"{comm.me} is send-only but holds a non-canonical state")
+    state.write_back(result.fetched)
     state.revision = revision
     state.last_synced = revision
     result.seconds = time.monotonic() - t0

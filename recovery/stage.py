@@ -133,11 +133,11 @@ def neighbour_state(stage: int, module: torch.nn.Module, norms: np.ndarray, swap
     its weights (e.g. a (de)embedding copy), which the rule takes for parameters no neighbour holds as blocks."""
     pre, post, rebuilt = (float(v) for v in norms[:NORM_WORDS])
     return NeighbourState(stage=stage,
-                          weights={n: p.detach().numpy().copy() for n, p in module.named_parameters()},
+                          weights={n: p.detach().cpu().numpy().copy() for n, p in module.named_parameters()},
                           grad_norm=None if np.isnan(pre) else pre,
                           grad_norm_clipped=None if np.isnan(post) else post,
                           rebuilt=bool(rebuilt), swap_partner=swap_partner,
-                          extra={n: np.array(torch.as_tensor(t).detach().numpy(), copy=True)
+                          extra={n: np.array(torch.as_tensor(t).detach().cpu().numpy(), copy=True)
                                  for n, t in (extra or {}).items()})
 
 
@@ -165,7 +165,7 @@ def load_weights(module: torch.nn.Module, weights: dict[str, np.ndarray]) -> Non
     with torch.no_grad():
         for n, p in params.items():
             w = np.asarray(weights[n])
-            if tuple(w.shape) != tuple(p.shape) or w.dtype != p.detach().numpy().dtype:
+            if tuple(w.shape) != tuple(p.shape) or w.dtype != p.detach().cpu().numpy().dtype:
                 raise LocalError(f"rebuilt {n!r} is {w.shape} {w.dtype}, the stage's is {tuple(p.shape)}")
             p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
 

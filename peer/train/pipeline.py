@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from collectives.errors import (DeadlineExceeded, LocalError, OpAborted, StaleError, SwarmError, TooFewPeers)
 from peer.swarm import Swarm
 from peer.train.pipeline_copies import Edges
-from peer.train.pipeline_exec import ActivationError, Executor, GetBatch, LossFn, Outcome, Spec
+from peer.train.pipeline_exec import ActivationError, Executor, GetBatch, LossFn, Outcome, Spec, module_device
 from peer.train.pipeline_plan import (NONE, MemberRecord, NotEnoughPeers, Order, StepPlan, identity_order,
                                       make_plan, route)
 from peer.train.pipeline_rebuild import rebuild_stage, weights_digest
@@ -149,7 +149,7 @@ class Pipeline:
             out = [Spec(tuple(x.shape), x.dtype)]
             with torch.no_grad():
                 for pos, s in enumerate(order):
-                    x = self.edges.forward(s, pos, x)
+                    x = self.edges.forward(s, pos, x.to(module_device(self.stages[s])))
                     out.append(Spec(tuple(x.shape), x.dtype))
             self._specs[order] = out
         return self._specs[order]

@@ -75,6 +75,13 @@ class _Ctx:
     loss: Optional[torch.Tensor] = None
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where the module's parameters live (CPU for a module without any)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 class Executor:
     """Runs the micro-batches of one attempt for the peer ``me`` serving stage ``stage``."""
 
@@ -90,13 +97,14 @@ class Executor:
         self.loss_fn, self.M, self.timeout, self.outgoing = loss_fn, micro_batches, timeout, outgoing
         self.out = Outcome()
         self._sends: list[tuple[Any, torch.Tensor, str]] = []
+        self.device = module_device(module)   # inputs and targets go here; the wire carries host tensors
 
     # ------------------------------------------------------------------ wire
     def _fail(self, exc: BaseException) -> None:
         self.out.errors.append(f"{type(exc).__name__}: {exc}")
 
     def _send(self, t: torch.Tensor, to: str, what: str) -> None:
-        t = self.outgoing(t.detach().contiguous(), what)
+        t = self.outgoing(t.detach().to("cpu").contiguous(), what)
         try:
             self._sends.append((self.comm.send_async(t, to), t, to))
         except (OpAborted, LocalError) as exc:
@@ -163,8 +171,11 @@ class Executor:
             if last:
                 y = self._recv(self.target_spec, r[0], "targets")
             x = self._recv(specs[p], r[p - 1], "activation")
-            if train and x.is_floating_point():
-                x.requires_grad_(True)
+        x = x.to(self.device)
+        if y is not None:
+            y = y.to(self.device)
+        if p > 0 and train and x.is_floating_point():
+            x.requires_grad_(True)
         ctx = _Ctx(p, r, x)
         t0 = time.perf_counter()
         if not self.out.failed:
@@ -200,7 +211,7 @@ class Executor:
                 (ctx.loss / self.M).backward()
             else:
                 assert ctx.out is not None and grad is not None
-                ctx.out.backward(grad)
+                ctx.out.backward(grad.to(self.device))
         self.out.compute_s += time.perf_counter() - t0
         if p > 0:
             g = ctx.x.grad if (ctx.x.grad is not None and not self.out.failed) else specs[p].empty()

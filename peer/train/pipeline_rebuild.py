@@ -85,7 +85,7 @@ def rebuild_stage(pipe: Host, comm: Any, plan: StepPlan, s: int) -> tuple[str, d
     pipe.meta[0] = res_rule.lr_scale
     pipe.norms[:] = (np.nan, np.nan, 1.0)
     pipe.committed = plan.committed
-    loaded = {n: p.detach().numpy() for n, p in pipe.stages[s].named_parameters()}
+    loaded = {n: p.detach().cpu().numpy() for n, p in pipe.stages[s].named_parameters()}
     pipe.rebuilt_digest = weights_digest(loaded)
     copy_revs = {LAYER[e.attr]: int(extras[j][1][i]) for j in wanted
             for i, e in enumerate(pipe.edges.held_by(j)) if np.isfinite(extras[j][1][i])}

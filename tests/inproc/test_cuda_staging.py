@@ -148,6 +148,19 @@ def test_cuda_all_reduce_through_staging_is_bit_identical(inproc: InProcess) -> 
     assert torch.equal(dev[0].cpu(), host_inputs[0] + host_inputs[1])
 
 
+def train_on_the_gpu(model: torch.nn.Module, opt: Any, batch: Any, revisions: int = 3) -> Any:
+    """An ordinary loop on a CUDA model (host batches moved to the GPU) until the swarm's revision."""
+    step = 0
+    while opt.revision < revisions:
+        x, y = batch(step)
+        ((model(x.cuda()) - y.cuda()) ** 2).mean().backward()
+        opt.step(samples=len(x))
+        opt.zero_grad()
+        step += 1
+    opt.finish()
+    return opt
+
+
 @cuda
 def test_cuda_diloco_with_models_on_the_gpu_keeps_parity(inproc: InProcess) -> None:
     from tests.inproc.test_diloco import batch, make_model
@@ -158,15 +171,7 @@ def test_cuda_diloco_with_models_on_the_gpu_keeps_parity(inproc: InProcess) -> N
         model = make_model(i).cuda()
         opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=0.05), peers[i], inner_steps=3,
                      op_timeout=30, alone_wait=2)
-        step = 0
-        while opt.revision < 3:
-            x, y = batch(i, step)
-            ((model(x.cuda()) - y.cuda()) ** 2).mean().backward()
-            opt.step(samples=8)
-            opt.zero_grad()
-            step += 1
-        opt.finish()
-        return opt
+        return train_on_the_gpu(model, opt, lambda step: batch(i, step))
 
     opts = run_all([lambda i=i: train(i) for i in range(2)])
     for o in opts:
@@ -174,3 +179,25 @@ def test_cuda_diloco_with_models_on_the_gpu_keeps_parity(inproc: InProcess) -> N
     assert state_digest(opts[0].theta, opts[0].mom) == state_digest(opts[1].theta, opts[1].mom)
     for o in opts:
         assert all(p.device.type == "cuda" for p in o.params)
+
+
+@cuda
+def test_cuda_expert_sync_with_models_on_the_gpu_keeps_parity(inproc: InProcess) -> None:
+    from peer.train.experts import ExpertSync, expert_map
+    from tests.inproc.test_experts import H, batch, make_model, make_opt
+
+    _, peers = form_swarm(inproc, 2)
+
+    def train(i: int) -> ExpertSync:
+        model = make_model(i).cuda()
+        opt = ExpertSync(model, make_opt, peers[i], experts=expert_map(model), sync_steps=H, owners_per_expert=1,
+                         op_timeout=30, alone_wait=2)
+        return train_on_the_gpu(model, opt, lambda step: batch(i, step))
+
+    opts = run_all([lambda i=i: train(i) for i in range(2)])
+    for o in opts:
+        assert not isinstance(o, Exception), o
+    assert opts[0].theta.tobytes() == opts[1].theta.tobytes()
+    assert opts[0].owned and opts[1].owned and not set(opts[0].owned) & set(opts[1].owned)
+    for o in opts:
+        assert all(p.device.type == "cuda" for p in o.layout.order)
