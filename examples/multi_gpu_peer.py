@@ -45,6 +45,7 @@ from peer.swarm import Swarm
 from peer.train.diloco import DiLoCo, RoundRecord
 from peer.train.experts import SyncRecord
 from peer.train.local_experts import LocalExpertSync
+from peer.train.local_fsdp import LocalFSDPDiLoCo
 from peer.train.local_group import LocalDiLoCo, LocalGroup, close_on_error
 from peer.train.outer import flatten_params, load_params, state_digest
 from recovery.snapshot import open_snapshot
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-batches", type=int, default=8, help="--workload pipeline: per step")
     ap.add_argument("--steps", type=int, default=100, help="--workload pipeline: stop at this many committed steps")
     ap.add_argument("--model", choices=["charlm", "tiny"], default="charlm")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="--workload diloco: shard the model with FSDP2 (fully_shard) instead of DDP")
     ap.add_argument("--owners-per-expert", type=int, default=2, help="--workload experts: owners of an expert")
     ap.add_argument("--seed", type=int, default=0, help="model init seed (the same on every machine)")
     ap.add_argument("--machine", type=int, default=-1,
@@ -163,7 +166,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         corpus, lm = load_corpus(), LMConfig()
         torch.manual_seed(a.seed)
         module = CharLM(lm).to(group.device)
-    ddp = DDP(module, device_ids=[group.device.index] if group.device.type == "cuda" else None)
+    if a.fsdp:   # FSDP2: each rank holds a shard of every parameter (per block for the LM, then the root)
+        from torch.distributed.fsdp import fully_shard
+        for block in getattr(module, "blocks", []):
+            fully_shard(block)
+        fully_shard(module)
+        ddp: torch.nn.Module = module
+    else:
+        ddp = DDP(module, device_ids=[group.device.index] if group.device.type == "cuda" else None)
     inner = torch.optim.AdamW(module.parameters(), lr=a.lr)
     gen = torch.Generator().manual_seed(1000 * machine + group.rank)
     names = [n for n, _ in module.named_parameters()]
@@ -190,7 +200,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if resumed is not None:
                 state = resumed
                 kw["diloco_factory"] = lambda *args, **dkw: ResumedDiLoCo(state, *args, **dkw)
-        opt = LocalDiLoCo(module, inner, group, swarm, inner_steps=a.inner_steps, **kw)
+        local_diloco = LocalFSDPDiLoCo if a.fsdp else LocalDiLoCo
+        opt = local_diloco(module, inner, group, swarm, inner_steps=a.inner_steps, **kw)
         step = 0
         while opt.revision < a.outer_steps:
             if a.model == "tiny":
@@ -210,7 +221,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             snaps.close()
         print(json.dumps({"event": "done", "id": pid, "rank": group.rank, "revision": opt.revision,
                           "steps": step, "digest": opt.digest.hex(),
-                          "params": params_digest(list(module.parameters())),
+                          "params": params_digest(list(getattr(opt, "mirror", module).parameters())),
+                          "local_numel": sum(int(getattr(p, "to_local", lambda: p)().numel())   # an FSDP shard
+                                             for p in module.parameters()),
                           "machine_samples": opt.machine_samples}), flush=True)
     return 0
 

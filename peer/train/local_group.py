@@ -153,6 +153,10 @@ class SyncClock:
         self.steps, self.pending = 0, 0.0
         self.machine_samples: list[float] = []       # the machine's samples at each sync point
 
+    def due(self) -> bool:
+        """Whether the next ``tick`` is a sync point."""
+        return (self.steps + 1) % self.interval == 0
+
     def tick(self, samples: float) -> Optional[float]:
         """One step of ``samples``: the machine's samples since the last sync point if this step is one,
         else None."""
@@ -201,14 +205,23 @@ class LocalOuterSync:
     def _share(self, status: int) -> None:
         raise NotImplementedError
 
+    def _before_sync(self) -> None:
+        """Every rank, at a sync point before rank 0's sync (``peer.train.local_fsdp``: gather the shards)."""
+
+    def _local_step(self) -> None:
+        """The other ranks' inner step (rank 0's runs inside its strategy's ``step``)."""
+        self.inner.step()
+
     def _inner_step(self, samples: float) -> None:
         """One inner step on every rank (gradients already the machine's mean); at a sync point rank 0's
         sync with the machine's samples, then its results on every rank."""
+        if self.clock.due():
+            self._before_sync()
         machine = self.clock.tick(samples)
         sync_point = machine is not None
         lead = self.lead
         if lead is None:
-            self.inner.step()
+            self._local_step()
         else:
             try:
                 lead.step(samples=0.0 if machine is None else machine)

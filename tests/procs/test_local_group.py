@@ -140,10 +140,14 @@ def reference_peer(swarm: Swarm, machine: int) -> DiLoCo:
     return opt
 
 
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_machines_of_two_processes_hold_the_same_bits_and_match_a_two_peer_run(
-        inproc: InProcess, tmp_path: Path) -> None:
+        inproc: InProcess, tmp_path: Path, sharding: str) -> None:
+    """``fsdp``: the local ranks shard the model with FSDP2 (``LocalFSDPDiLoCo``); FSDP's reduce-scatter
+    averages the gradients as DDP does (halving is exact), so the digests are the same bits again."""
     coord = inproc.coordinator()
-    machines = [launch_machine(tmp_path, f"m{i}", 2, machine_args(inproc, coord, i)) for i in range(2)]
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    machines = [launch_machine(tmp_path, f"m{i}", 2, machine_args(inproc, coord, i, extra)) for i in range(2)]
     try:
         done = [[m.until(r, "done", 200) for r in range(2)] for m in machines]
     finally:
@@ -153,6 +157,10 @@ def test_two_machines_of_two_processes_hold_the_same_bits_and_match_a_two_peer_r
     assert all(d["revision"] == ROUNDS for d in flat)
     assert len({d["digest"] for d in flat}) == 1, "outer state differs between local ranks or machines"
     assert len({d["params"] for d in flat}) == 1
+    full = sum(p.numel() for p in tiny_model(0).parameters())
+    for ds in done:   # DDP: every rank holds every parameter; FSDP: the two ranks' shards make one model
+        local = [d["local_numel"] for d in ds]
+        assert local == [full, full] if sharding == "ddp" else (sum(local) == full and max(local) < full)
     # the machine's samples (2 ranks x BATCH x H) were counted at every sync point
     assert all(s == 2 * BATCH * H for d in flat for s in d["machine_samples"])
     rounds = [{e["revision"]: e for e in m.lines[0] if e.get("event") == "round" and e["committed"]}
