@@ -130,7 +130,7 @@ def stats(xs: Sequence[Optional[float]]) -> dict[str, Any]:
             "max": max(vals), "n": len(xs), "not_reached": missing}
 
 
-def analyze(jsonl: Path, tune_path: Path, out_dir: Path, steps: int) -> dict[str, Any]:
+def analyze(jsonl: Path, tune_path: Path, out_dir: Path, steps: int, prefix: str = "checkfree") -> dict[str, Any]:
     recs = [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()]
     recs = [r for r in recs if not r.get("partial") and r["steps"] == steps]
     tune = json.loads(tune_path.read_text())
@@ -203,12 +203,12 @@ def analyze(jsonl: Path, tune_path: Path, out_dir: Path, steps: int) -> dict[str
     summary["post_hoc_loss_jump_by_lost_stage"] = jump_by_stage(recs, ps)
     summary["claims"] = claims(summary, ps)
     out_dir.mkdir(exist_ok=True)
-    (out_dir / "checkfree_summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / f"{prefix}_summary.json").write_text(json.dumps(summary, indent=1))
     from examples.checkfree_report import plot, table
     text = table(summary, ps)
-    (out_dir / "checkfree_table.md").write_text(text)
+    (out_dir / f"{prefix}_table.md").write_text(text)
     print(text)
-    plot(summary, recs, nofail, ps, hours, out_dir / "checkfree.png")
+    plot(summary, recs, nofail, ps, hours, out_dir / f"{prefix}.png")
     return summary
 
 

@@ -137,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from examples.checkfree_analysis import analyze
-    analyze(args.jsonl, TUNE, RESULTS, args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    analyze(args.jsonl, args.tune, args.out, args.steps, args.prefix)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("analyze")
     a.add_argument("--jsonl", type=Path, default=JSONL)
     a.add_argument("--steps", type=int, default=STEPS)
+    a.add_argument("--tune", type=Path, default=TUNE, help="the tune step's JSON (its iteration time)")
+    a.add_argument("--out", type=Path, default=RESULTS, help="where the summary, table and PNG go")
+    a.add_argument("--prefix", default="checkfree", help="their file names: PREFIX_summary.json, ...")
     args = ap.parse_args(argv)
     {"tune": cmd_tune, "train": cmd_train, "analyze": cmd_analyze}[args.cmd](args)
 
