@@ -42,7 +42,9 @@ their gradients would need their own local protocol; not built). The identity or
 Failure: a local rank that dies breaks rank 0's next scatter, gather or reduce (Gloo/NCCL raise on a closed
 connection, at the latest at the group's timeout); the error leaves ``pipe.step`` and ``close_on_error`` makes
 rank 0 leave the swarm: the swarm sees one peer leave and its step is retried on the new membership. If
-rank 0's step raises for any other reason it broadcasts FAILED first, so the other ranks stop at once. The
+rank 0's step raises for any other reason it broadcasts FAILED first, so the other ranks stop at once (if
+it raised in the middle of a micro-batch's compute, while they wait in that command's gather, they fail when
+rank 0's process exits and its connections close, at the latest at the group's timeout). The
 group's timeout must exceed the longest wait of the other ranks: a whole step of rank 0, including its
 waits for peers (``join_timeout``) and retries.
 """
