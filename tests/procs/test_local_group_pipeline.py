@@ -25,6 +25,7 @@ from collectives.errors import SwarmError
 from examples.multi_gpu_pipeline import mse, stage_digest, tiny_pipeline_batch, tiny_stages
 from peer import Swarm
 from peer.train.pipeline import Pipeline
+from peer.train.pipeline_plan import NotEnoughPeers
 from tests.helpers import InProcess, form_swarm
 from tests.inproc.test_pipeline import train_in_one_process
 from tests.procs.test_local_group import kill_a_rank_after_a_sync, launch_machine
@@ -86,14 +87,65 @@ def test_a_local_rank_dying_fails_the_whole_pipeline_peer_and_the_swarm_sees_it_
         pipe = Pipeline(alone, tiny_stages(2, 0), lambda ps: torch.optim.SGD(ps, lr=LR), micro_batches=M,
                         example=tiny_pipeline_batch(ROWS)(0, 0), loss_fn=mse, stage=0, op_timeout=20,
                         join_timeout=5)
-        try:
-            while not stop.is_set():
+        while not stop.is_set():
+            try:
                 pipe.step(tiny_pipeline_batch(ROWS))
-        except SwarmError:
-            pass   # alone after the machine left: too few peers for 2 stages
+            except NotEnoughPeers:
+                pass   # alone (before the machine joins, after it left): wait again, until stop
 
     m = launch_machine(tmp_path, "m1", 2, machine_args(inproc, coord, 1, 1, ["--steps", "100000"]))
     kill_a_rank_after_a_sync(m, "m-1", "step", alone, train_alone, stop)
+
+
+def test_a_machine_joins_as_a_replica_copies_the_stage_and_trains_in_step_with_it(
+        inproc: InProcess, tmp_path: Path) -> None:
+    """Two in-process peers (stages 0 and 1) train; machine m-2 (2 local ranks) joins asking for stage 1: its
+    rank 0 copies the stage from the in-process replica at a step boundary (weights and SGD state), the SYNC
+    gives it to rank 1, and from then on every committed step leaves the machine's two ranks and the other
+    replica with the same stage weights bit for bit (their gradients are summed over the replicas)."""
+    coord, peers = form_swarm(inproc, 2)
+    stop = threading.Event()
+    seen: dict[int, str] = {}          # committed steps -> the in-process stage-1 replica's weights digest
+
+    def train(swarm: Swarm, stage: int) -> Pipeline:
+        pipe = Pipeline(swarm, tiny_stages(2, 0), lambda ps: torch.optim.SGD(ps, lr=LR), micro_batches=M,
+                        example=tiny_pipeline_batch(ROWS)(0, 0), loss_fn=mse, stage=stage, op_timeout=20)
+        while not stop.is_set():
+            pipe.step(tiny_pipeline_batch(ROWS))
+            if stage == 1:
+                seen[pipe.committed] = stage_digest(pipe.stages[1])
+        return pipe
+
+    results: list[object] = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = train(peers[i], i)
+        except SwarmError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    m = launch_machine(tmp_path, "m2", 2, machine_args(inproc, coord, 2, 1, ["--steps", "1000000"]))
+    try:
+        per_rank: list[list[dict[str, object]]] = [[], []]
+        while len(per_rank[1]) < 4:    # four committed steps of the machine
+            for r in range(2):
+                e = m.until(r, "rank_step", 120)
+                per_rank[r].append(e)
+    finally:
+        m.close()
+        stop.set()
+        for t in threads:
+            t.join(60)
+    step_events = [e for e in m.lines[0] if e.get("event") == "step" and e["committed"]]
+    assert any("replica copy" in how for e in step_events for how in e["recoveries"]), step_events[:2]
+    assert [e["params"] for e in per_rank[0]] == [e["params"] for e in per_rank[1]]
+    for e in per_rank[0]:
+        assert e["stage"] == 1
+        assert seen[int(str(e["committed"]))] == e["params"], f"step {e['committed']}: replicas differ"
+    assert all(isinstance(r, Pipeline) for r in results), results
 
 
 def test_the_split_refuses_rows_that_do_not_divide() -> None:
