@@ -165,7 +165,7 @@ def load_weights(module: torch.nn.Module, weights: dict[str, np.ndarray]) -> Non
     with torch.no_grad():
         for n, p in params.items():
             w = np.asarray(weights[n])
-            if tuple(w.shape) != tuple(p.shape) or w.dtype != p.detach().cpu().numpy().dtype:
+            if tuple(w.shape) != tuple(p.shape) or w.dtype != torch.empty(0, dtype=p.dtype).numpy().dtype:
                 raise LocalError(f"rebuilt {n!r} is {w.shape} {w.dtype}, the stage's is {tuple(p.shape)}")
             p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
 

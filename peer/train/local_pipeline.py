@@ -222,7 +222,8 @@ class LocalPipeline:
         self._saved.clear()
         self.syncs += 1
         params = self._params()
-        self._flat_by_dtype([p.data for p in params], lambda t: dist.broadcast(t, src=0), write_back=True)
+        self._flat_by_dtype([p.data for p in params], lambda t: dist.broadcast(t, src=0),
+                            write_back=not self.group.is_leader)   # rank 0 sent its own bytes
         for p in params:
             p.grad = None
 

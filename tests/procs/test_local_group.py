@@ -107,6 +107,17 @@ def launch_machine(tmp: Path, name: str, nproc: int, args: list[str]) -> Machine
     return m
 
 
+def run_to_done(tmp: Path, args: list[list[str]], timeout: float = 200) -> tuple[list[Machine], list[list[dict[str, Any]]]]:
+    """One machine of 2 local ranks per argument list; every rank's final ``done`` event (all killed after)."""
+    machines = [launch_machine(tmp, f"m{i}", 2, a) for i, a in enumerate(args)]
+    try:
+        done = [[m.until(r, "done", timeout) for r in range(2)] for m in machines]
+    finally:
+        for m in machines:
+            m.close()
+    return machines, done
+
+
 def machine_args(inproc: InProcess, coord: Swarm, index: int, extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
     return ["--model", "tiny", "--id", f"m-{index}", "--machine", str(index), "--join",
             coord.addr.removeprefix("tcp://"), "--key", str(inproc.keydir / f"m-{index}.key"), "--local-timeouts",
@@ -147,12 +158,7 @@ def test_two_machines_of_two_processes_hold_the_same_bits_and_match_a_two_peer_r
     averages the gradients as DDP does (halving is exact), so the digests are the same bits again."""
     coord = inproc.coordinator()
     extra = ["--fsdp"] if sharding == "fsdp" else []
-    machines = [launch_machine(tmp_path, f"m{i}", 2, machine_args(inproc, coord, i, extra)) for i in range(2)]
-    try:
-        done = [[m.until(r, "done", 200) for r in range(2)] for m in machines]
-    finally:
-        for m in machines:
-            m.close()
+    machines, done = run_to_done(tmp_path, [machine_args(inproc, coord, i, extra) for i in range(2)])
     flat = [d for ds in done for d in ds]
     assert all(d["revision"] == ROUNDS for d in flat)
     assert len({d["digest"] for d in flat}) == 1, "outer state differs between local ranks or machines"

@@ -32,7 +32,7 @@ from examples.multi_gpu_peer import params_digest, tiny_moe, tiny_moe_batch
 from peer import Swarm
 from peer.train.experts import ExpertSync
 from tests.helpers import InProcess, form_swarm, run_all
-from tests.procs.test_local_group import Machine, kill_a_rank_after_a_sync, launch_machine
+from tests.procs.test_local_group import Machine, kill_a_rank_after_a_sync, launch_machine, run_to_done
 
 pytestmark = pytest.mark.timeout(240)  # 4 processes importing torch on a loaded 2-core box
 
@@ -91,12 +91,7 @@ def events(m: Machine, rank: int, kind: str) -> list[dict[str, Any]]:
 def test_two_machines_of_two_processes_hold_the_same_bits_and_match_a_two_peer_run(
         inproc: InProcess, tmp_path: Path) -> None:
     coord = inproc.coordinator()
-    machines = [launch_machine(tmp_path, f"m{i}", 2, machine_args(inproc, coord, i)) for i in range(2)]
-    try:
-        done = [[m.until(r, "done", 200) for r in range(2)] for m in machines]
-    finally:
-        for m in machines:
-            m.close()
+    machines, done = run_to_done(tmp_path, [machine_args(inproc, coord, i) for i in range(2)])
     flat = [d for ds in done for d in ds]
     assert all(d["revision"] == SYNCS and d["steps"] == H * SYNCS for d in flat)
     assert len({d["digest"] for d in flat}) == 1, "outer state differs between local ranks or machines"

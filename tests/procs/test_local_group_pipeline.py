@@ -28,7 +28,7 @@ from peer.train.pipeline import Pipeline
 from peer.train.pipeline_plan import NotEnoughPeers
 from tests.helpers import InProcess, form_swarm
 from tests.inproc.test_pipeline import train_in_one_process
-from tests.procs.test_local_group import kill_a_rank_after_a_sync, launch_machine
+from tests.procs.test_local_group import kill_a_rank_after_a_sync, launch_machine, run_to_done
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -52,12 +52,7 @@ def one_process(steps: int) -> tuple[list[torch.nn.Module], list[float]]:
 def test_two_machines_split_every_micro_batch_and_hold_the_same_stage_bits(
         inproc: InProcess, tmp_path: Path) -> None:
     coord = inproc.coordinator()
-    machines = [launch_machine(tmp_path, f"m{i}", 2, machine_args(inproc, coord, i, i)) for i in range(2)]
-    try:
-        done = [[m.until(r, "done", 200) for r in range(2)] for m in machines]
-    finally:
-        for m in machines:
-            m.close()
+    machines, done = run_to_done(tmp_path, [machine_args(inproc, coord, i, i) for i in range(2)])
     for i, (m, ds) in enumerate(zip(machines, done)):
         assert [d["stage"] for d in ds] == [i, i] and all(d["committed"] == STEPS for d in ds)
         assert ds[0]["params"] == ds[1]["params"], f"machine {i}: local ranks hold different stage weights"
