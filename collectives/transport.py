@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional, Union
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from collectives import wire
+from collectives import memory, wire
 from collectives.connlimit import ConnLimit
 from collectives.refusal import RefusalProbes
 from collectives.datalink import SealedLinks
@@ -62,6 +62,9 @@ class Limits:
     streams: int = 1     # TCP connections per neighbour for tensor data (fills long fat WAN pipes)
     handshake_ms: int = 10000  # a connection that has not finished its (security) handshake by then is cut
     max_conns_per_address: int = 256  # inbound connections from one IP address at once; the excess is cut
+    # freed memory malloc keeps for the next op's frames instead of unmapping it (collectives.memory;
+    # process-wide, glibc only; 0 leaves malloc alone)
+    retain_freed_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass
@@ -116,6 +119,7 @@ class Transport:
         self.limits = limits or Limits()
         self.security = security or Insecure()
         require_libzmq(curve=self.security.handshakes)
+        memory.retain_freed_buffers(self.limits.retain_freed_bytes)
         self.ctx = zmq.Context(io_threads=self.limits.io_threads)
         self.zap: Optional[zmq.Socket[Any]] = None
         if self.security.handshakes:

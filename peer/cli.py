@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-bytes", type=int, default=4 << 20, help="frame size for tensor data")
     p.add_argument("--streams", type=int, default=1,
                    help="TCP connections per neighbour for tensor data (more fill long, fat WAN links)")
+    p.add_argument("--retain-freed-mb", type=float, default=256,
+                   help="freed frame memory malloc keeps for the next op instead of unmapping it (MiB, "
+                        "default 256; 0 leaves malloc alone; glibc only; docs/performance.md)")
     p.add_argument("--no-bandwidth-probes", action="store_true",
                    help="do not probe links to new members (the ring then keeps its join order)")
     p.add_argument("--elems", type=int, default=262144, help="float32 elements per all-reduce")
@@ -274,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--streams", type=int, default=1, help="TCP connections per neighbour (default 1)")
     ba.add_argument("--codec", choices=["none", "fp16", "bf16", "int8"], default="none",
                     help="compress swarmtrain's all-reduce (reports effective bandwidth and error)")
+    ba.add_argument("--retain-freed-mb", type=float, default=256,
+                    help="the peers' --retain-freed-mb (0: freed frames go back to the kernel, as before "
+                         "issue 14's malloc settings)")
     ba.add_argument("--skip-gloo", action="store_true", help="do not run the Gloo baseline")
     ba.add_argument("--insecure", action="store_true",
                     help="run swarmtrain without encryption/authentication (to measure security's cost)")
@@ -332,7 +338,9 @@ def cmd_peer(a: argparse.Namespace) -> int:
         return 2
     training = _prepare_training(a, pid) if a.workload == "train" else None  # slow work before joining
     cfg = peer_config_from_args(a, pid, parity_digest=not a.no_digest, slice_bytes=a.slice_bytes,
-                                limits=Limits(streams=a.streams), bandwidth_probes=not a.no_bandwidth_probes,
+                                limits=Limits(streams=a.streams,
+                                              retain_freed_bytes=int(a.retain_freed_mb * (1 << 20))),
+                                bandwidth_probes=not a.no_bandwidth_probes,
                                 max_early_bytes=int(a.max_early_mb * (1 << 20)))
     swarm = Swarm(cfg)
     print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,

@@ -21,13 +21,14 @@ from peer.sim.procs import LocalProcs
 
 def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_bytes: int,
                          digest: bool, timeout: float = 600.0, codec: str = "none", streams: int = 1,
-                         insecure: bool = False) -> dict[str, Any]:
+                         insecure: bool = False, retain_freed_mb: float = 256) -> dict[str, Any]:
     elems = nbytes // 4
     with tempfile.TemporaryDirectory(prefix="swarmtrain-bench-") as tmp, \
             LocalProcs(Path(tmp), insecure=insecure) as lp:
         coord = lp.coordinator()
         extra = ["--workload", "bench", "--elems", str(elems), "--ops", str(iters), "--warmup", str(warmup),
-                 "--expect", str(n), "--slice-bytes", str(slice_bytes), "--streams", str(streams)]
+                 "--expect", str(n), "--slice-bytes", str(slice_bytes), "--streams", str(streams),
+                 "--retain-freed-mb", str(retain_freed_mb)]
         if not digest:
             extra.append("--no-digest")
         if codec != "none":
@@ -42,7 +43,8 @@ def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_byt
     return {"backend": "swarmtrain", "peers": n, "bytes": nbytes, "seconds_per_op": sec,
             "busbw_gbps": 2 * (n - 1) / n * nbytes / sec / 1e9,
             "rel_error": max(r.get("rel_error", 0.0) for r in results),
-            "peak_mem_over_buffer": max(r.get("peak_mem_over_buffer", 0.0) for r in results)}
+            "peak_mem_over_buffer": max(r.get("peak_mem_over_buffer", 0.0) for r in results),
+            "page_faults_per_op": max(r.get("page_faults_per_op", 0.0) for r in results)}
 
 
 def catchup(sources: int, mb: float, timeout: float = 600.0) -> dict[str, Any]:
@@ -74,13 +76,15 @@ def run_bench(a: argparse.Namespace) -> int:
     nbytes = int(a.mb * (1 << 20)) // 4 * 4
     ours = swarmtrain_allreduce(a.peers, nbytes, a.iters, a.warmup, int(a.slice_mb * (1 << 20)),
                                 not a.no_digest, codec=a.codec, insecure=getattr(a, "insecure", False),
-                                streams=a.streams)
+                                streams=a.streams, retain_freed_mb=a.retain_freed_mb)
     # with a codec, bus bandwidth counts uncompressed bytes reduced per second (effective bandwidth)
     out: dict[str, Any] = {"peers": a.peers, "mb": a.mb, "iters": a.iters, "codec": a.codec,
                            "swarmtrain_busbw_gbps": round(ours["busbw_gbps"], 4),
                            "swarmtrain_seconds_per_op": round(ours["seconds_per_op"], 5),
                            "rel_error_vs_exact": ours["rel_error"],
                            "peak_mem_over_buffer": round(ours["peak_mem_over_buffer"], 2),
+                           "page_faults_per_op": round(ours["page_faults_per_op"]),
+                           "retain_freed_mb": a.retain_freed_mb,
                            "parity_digest": not a.no_digest, "secure": not getattr(a, "insecure", False)}
     if not a.skip_gloo:
         gloo = run_gloo_allreduce(a.peers, nbytes, iters=a.iters, warmup=a.warmup)

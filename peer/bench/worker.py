@@ -25,10 +25,12 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     if swarm.peers_pending:  # e.g. a faster ring order from the bandwidth probes: apply it before timing
         swarm.update_topology(timeout=timeout)
     swarm.comm.barrier(timeout=timeout)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(iters):
         swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
     elapsed = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0  # pages mapped in while timed
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     ok = codec is not None or bool(np.all(x == np.float32(expect) ** iters))
     members = swarm.members
@@ -38,7 +40,7 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     rel_error = float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
     swarm.comm.barrier(timeout=timeout)
     return {"peer": swarm.id, "seconds_per_op": elapsed / iters, "correct": ok, "members": len(members),
-            "rel_error": rel_error, "ring": members,
+            "rel_error": rel_error, "ring": members, "page_faults_per_op": faults / max(1, iters),
             # peak resident memory while all-reducing, beyond what the process held before the buffer
             # existed, in units of the buffer (the caller's buffer itself counts 1)
             "peak_mem_over_buffer": (peak - rss_before) / max(1, x.nbytes)}
