@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -124,8 +124,14 @@ class Opener:
     def __post_init__(self) -> None:
         self._aead = _aead(self.key, self.cipher)
 
-    def open(self, prefix: bytes, sealed_header: Any, sealed_payload: Any) -> tuple[bytes, np.ndarray]:
-        """(header, payload) of an authentic, fresh frame; ``AuthError`` for anything else."""
+    def open(self, prefix: bytes, sealed_header: Any, sealed_payload: Any,
+             dest: Optional[Callable[[bytes, int], Any]] = None) -> tuple[bytes, Any]:
+        """(header, payload) of an authentic, fresh frame; ``AuthError`` for anything else.
+
+        ``dest(header, nbytes)``, called once the header is authentic, may name a writable buffer of exactly
+        ``nbytes`` for the plaintext (where its reader wants it: no fresh allocation, no later copy); None
+        means a fresh array. A payload that fails authentication may have left bytes in that buffer (the
+        caller offers only buffers that no authentic data occupies yet)."""
         key_id, stream, c = parse_prefix(prefix)
         if key_id != self.key_id:
             raise AuthError("data frame under another key")
@@ -136,10 +142,19 @@ class Opener:
         mv = memoryview(sealed_payload).cast("B")
         if mv.nbytes < TAG_BYTES:
             raise AuthError("sealed payload shorter than its tag")
-        out = np.empty(mv.nbytes - TAG_BYTES, np.uint8)
         try:
             header = self._aead.decrypt(_nonce(stream, 2 * c), bytes(sealed_header), prefix)
-            self._aead.decrypt_into(_nonce(stream, 2 * c + 1), mv, prefix, out)
+        except InvalidTag:
+            raise AuthError("data frame fails authentication (tampered, or not from this peer)") from None
+        nbytes = mv.nbytes - TAG_BYTES
+        out: Any = dest(header, nbytes) if dest is not None else None
+        if out is None:
+            out = np.empty(nbytes, np.uint8)
+        target = memoryview(out).cast("B")
+        if target.nbytes != nbytes or target.readonly:
+            raise LocalError(f"landing buffer of {target.nbytes} bytes for a {nbytes}-byte payload")
+        try:
+            self._aead.decrypt_into(_nonce(stream, 2 * c + 1), mv, prefix, target)
         except InvalidTag:
             raise AuthError("data frame fails authentication (tampered, or not from this peer)") from None
         self.last[stream] = c  # only an authentic frame moves the window (a forgery cannot block a stream)

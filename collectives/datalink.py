@@ -18,8 +18,9 @@ import collections
 import logging
 import secrets
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import zmq
 
 from collectives import aead, wire
@@ -66,6 +67,10 @@ class SealedLinks:
         # have no link to yet: sent when we open one (bounded like the keys)
         self._key_id = secrets.randbelow(2**31)
         self.stats: collections.Counter[str] = collections.Counter()
+        # where the plaintext of an authentic chunk should go (the op that will read it offers a slice of
+        # its scratch); None: a fresh array per frame. Safe because ``send`` copies (seals) every payload
+        # before returning, so no buffer an op handed out is still waiting to be read here.
+        self.landing: Optional[Callable[[str, wire.Chunk], Any]] = None
 
     # ------------------------------------------------------------------ key agreement
     def offer(self, peer: str) -> wire.DataOffer:
@@ -129,8 +134,8 @@ class SealedLinks:
     # ------------------------------------------------------------------ frames
     def send(self, peer: str, header: bytes, payload: Any) -> None:
         sealer, socks = self.sealers.get(peer), self.socks.get(peer)
-        if sealer is None or not socks:
-            self.queued.setdefault(peer, collections.deque()).append((header, payload))
+        if sealer is None or not socks:  # a copy: the caller may reuse its buffer once we return
+            self.queued.setdefault(peer, collections.deque()).append((header, np.array(memoryview(payload))))
             return
         turn = (self.turn.get(peer, 0) + 1) % len(socks)
         self.turn[peer] = turn
@@ -161,7 +166,8 @@ class SealedLinks:
             opener = keys.get(key_id) if keys is not None else None
             if opener is None:
                 raise AuthError(f"data frame claiming {sender!r} under a key we did not agree")
-            header, payload = opener.open(frames[1].bytes, frames[2].buffer, frames[3].buffer)
+            header, payload = opener.open(frames[1].bytes, frames[2].buffer, frames[3].buffer,
+                                          self._lander(sender) if self.landing is not None else None)
         except AuthError as exc:
             self.stats["refused"] += 1
             return "", None, None, exc
@@ -173,6 +179,22 @@ class SealedLinks:
             return sender, None, None, exc
         self.stats["opened"] += 1
         return sender, msg, payload, None
+
+    def _lander(self, sender: str) -> Callable[[bytes, int], Any]:
+        def dest(header: bytes, nbytes: int) -> Any:
+            try:
+                msg = wire.decode(header)
+            except WireError:
+                return None  # refused after opening, as before
+            if self.landing is None or not isinstance(msg, wire.Chunk):
+                return None
+            buf = self.landing(sender, msg)
+            if buf is not None and memoryview(buf).nbytes != nbytes:
+                return None  # the header's size is wrong: the ring refuses it from a fresh array
+            if buf is not None:
+                self.stats["landed"] += 1
+            return buf
+        return dest
 
     def lost(self, monitor: zmq.Socket[Any]) -> Iterator[str]:
         """Peers whose data stream dropped (what was in flight on it is gone)."""

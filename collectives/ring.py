@@ -186,6 +186,7 @@ class AllReduce(RingOp):
         self.src, self.reduce_op = src, reduce_op
         self.out = out  # where the caller wants the result (``write_into`` at commit); may be ``src``
         self.acc: np.ndarray | None = None
+        self.landed: set[tuple[int, int, int]] = set()  # chunks whose bytes ``landing`` placed in ``acc``
         self.held: dict[int, tuple[int, np.ndarray]] = {}  # slice start -> (stop, final values)
         self._result: np.ndarray | None = None
         self.chunks = tensors.chunk_bounds(src.size, self.n)
@@ -245,6 +246,33 @@ class AllReduce(RingOp):
     def _hold(self, lo: int, hi: int, values: np.ndarray) -> None:
         self.held[lo] = (hi, values)
         self._check_later(lo, values)
+
+    def landing(self, sender: str, msg: Chunk) -> np.ndarray | None:
+        """The slice of ``acc`` that this chunk's bytes may be written into before ``on_chunk`` reads them
+        (secure mode decrypts straight into it: no per-frame allocation, no held copies), or None.
+
+        Only for a transport that copies every payload it is handed before ``send`` returns (sealing
+        does), because an all-gather slice lands where this op's reduce-scatter partial sum of the same
+        range was, after that sum was sent. A reduce-scatter slice lands where its partial sum is about to
+        be computed (in place: ``acc = src + acc``). Nothing lands twice, nothing lands where a final
+        slice is held (the owner's chunk never arrives in either phase), and a chunk ``on_chunk`` would
+        refuse gets None."""
+        if self.acc is None or self.codec is not None or sender != self.left:
+            return None
+        if msg.phase == PHASE_REDUCE_SCATTER:
+            c = self._rs_chunk(msg.step)
+        elif msg.phase == PHASE_ALL_GATHER:
+            c = self._ag_chunk(msg.step)
+        else:
+            return None
+        key = (msg.phase, msg.step, msg.part)
+        if msg.step >= self.n - 1 or msg.part >= len(self.parts[c]) or key in self.seen or key in self.landed:
+            return None
+        lo, hi = self.parts[c][msg.part]
+        if msg.dtype != self.dtype or msg.count != hi - lo:
+            return None
+        self.landed.add(key)
+        return self.acc[lo:hi]
 
     def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
         last = self.n - 2

@@ -29,7 +29,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -253,6 +253,12 @@ class Transport:
         return link is not None and link.up
 
     # ------------------------------------------------------------------ send / receive
+    def set_landing(self, landing: Optional[Callable[[str, wire.Chunk], Any]]) -> None:
+        """Secure mode: ``landing(sender, chunk)`` may name the buffer an authentic chunk's plaintext is
+        decrypted into (``SealedLinks.landing``). In the clear, received frames are zmq's own buffers."""
+        if self.sealed is not None:
+            self.sealed.landing = landing
+
     def send(self, peer: str, msg: wire.Message, payload: Any = None) -> None:
         header = wire.encode(msg)
         if peer == self.my_id:

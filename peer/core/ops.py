@@ -227,6 +227,13 @@ class OpEngine:
         self._check_done(rec, now)
 
     # ------------------------------------------------------------------ data
+    def landing(self, sender: str, msg: wire.Chunk) -> Optional[np.ndarray]:
+        """Where the plaintext of this (authentic, not yet delivered) chunk may be decrypted: a slice of its
+        running op's scratch that no data occupies yet, or None (a fresh buffer; early data, other ops)."""
+        rec = self.ops.get((msg.epoch, msg.group, msg.seq))
+        land = getattr(rec.core, "landing", None) if rec is not None else None
+        return land(sender, msg) if land is not None else None
+
     def on_chunk(self, sender: str, msg: wire.Chunk, payload: Any, now: float) -> list[Action]:
         self._on_chunk(sender, msg, payload, now)
         return self._take()

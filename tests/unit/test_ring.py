@@ -52,8 +52,11 @@ class Net:
     ``wire.encode``/``wire.decode`` on the way.
     """
 
-    def __init__(self, ops: dict[str, Any], seed: Optional[int] = 0, lazy: bool = False) -> None:
+    def __init__(self, ops: dict[str, Any], seed: Optional[int] = 0, lazy: bool = False,
+                 land: bool = False) -> None:
         self.ops = ops
+        self.land = land  # deliver into ``op.landing`` buffers where offered (as the sealed transport does)
+        self.landed = 0
         self.rng = random.Random(seed) if seed is not None else None
         self.lazy = lazy
         self.links: dict[tuple[str, str], deque] = {}
@@ -85,7 +88,11 @@ class Net:
             data = to_bytes(payload)
             assert len(data) == msg.count * tensors.DTYPES[msg.dtype].itemsize
             op = self.ops[receiver]
-            out = op.on_chunk(sender, msg, data)
+            dest = op.landing(sender, msg) if self.land else None
+            if dest is not None:
+                memoryview(dest).cast("B")[:] = data
+                self.landed += 1
+            out = op.on_chunk(sender, msg, data if dest is None else dest)
             op.flush()  # the driver writes finished slices after sending (ring.RingOp.flush)
             self.delivered += 1
             assert self.delivered <= max_messages
@@ -228,6 +235,52 @@ def test_allreduce_in_place_with_zero_copy_sends(n: int, dtype: str) -> None:
         for seed in range(3):
             assert digests(run_allreduce(inputs, dtype, op, sb, seed=seed, inplace=True, lazy=True)) == ref
             assert digests(run_allreduce(inputs, dtype, op, sb, seed=seed, lazy=True)) == ref
+
+
+LAND_CASES = [(n, dtype, op) for n in (2, 3, 5) for dtype in DTYPES for op in ("sum", "avg", "max")]
+
+
+@pytest.mark.parametrize("n,dtype,op", LAND_CASES, ids=[f"n{n}-{d}-{o}" for n, d, o in LAND_CASES])
+def test_allreduce_with_chunks_landing_in_its_scratch(n: int, dtype: str, op: str) -> None:
+    """What the sealed transport does: every chunk decrypted straight into the slice ``landing`` offers.
+    Same bits on every member as without landing, and the reference result."""
+    rng = np.random.default_rng(n * 31 + len(dtype))
+    inputs = make_inputs(rng, dtype, n, 12345)
+    sb = slice_bytes_for(12345, n, tensors.DTYPES[dtype].itemsize)
+    plain = run_allreduce(inputs, dtype, op, sb, seed=1)
+    names = members(n)
+    ops = {name: AllReduce(OP, names, name, x.copy(), dtype, op, sb) for name, x in zip(names, inputs)}
+    net = Net(ops, seed=2, land=True)
+    net.run()
+    assert net.landed == net.delivered  # every chunk of a started op lands
+    for name in names:
+        assert np.array_equal(bits(ops[name].result), bits(plain[name].result))
+    assert len(digests(ops)) == 1 and digests(ops) == digests(plain)
+    assert_matches_reference(ops[names[0]].result, inputs, op, dtype)
+
+
+def test_landing_refuses_what_on_chunk_would_refuse() -> None:
+    from collectives.codecs import get as codec
+
+    names = members(3)
+    src = np.arange(3000, dtype=np.float32)
+    op = AllReduce(OP, names, names[1], src, "float32", "sum", 4000)
+    rs = wire.Chunk(OP.epoch, OP.group, OP.seq, wire.PHASE_REDUCE_SCATTER, 0, 0, "float32", 1000)
+    assert op.landing(names[0], rs) is None  # not started
+    op.start()
+    assert op.landing(names[2], rs) is None  # not the left neighbour
+    for bad in (dict(count=999), dict(dtype="float64"), dict(step=2), dict(part=1),
+                dict(phase=wire.PHASE_BROADCAST)):
+        fields = dict(epoch=OP.epoch, group=OP.group, seq=OP.seq, phase=wire.PHASE_REDUCE_SCATTER, step=0,
+                      part=0, dtype="float32", count=1000)
+        fields.update(bad)  # type: ignore[arg-type]
+        assert op.landing(names[0], wire.Chunk(**fields)) is None, bad  # type: ignore[arg-type]
+    dest = op.landing(names[0], rs)
+    assert dest is not None and np.shares_memory(dest, op.acc) and dest.size == 1000
+    assert op.landing(names[0], rs) is None  # nothing lands twice
+    coded = AllReduce(OP, names, names[1], src, "float32", "sum", 4000, codec=codec("fp16"))
+    coded.start()
+    assert coded.landing(names[0], rs) is None  # compressed chunks decode into fresh arrays
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int32", "uint8"])
