@@ -8,6 +8,12 @@ key, or is not fresh, is refused as ``AuthError`` with an untrusted sender (nobo
 stranger's bytes). Data for a peer whose key is not agreed yet waits here (bounded by the ops that made
 it, as zmq's send queue is), and goes out once the answer arrives.
 
+Sealing is paced: a frame is sealed (a fresh ciphertext buffer) only when its stream has room, i.e. libzmq
+holds at most ``SEND_WINDOW`` sealed messages per stream (its send high-water mark; the poll loop waits for
+``POLLOUT``). Without that, a peer that sends a whole chunk at once holds every sealed copy until the wire
+drains (measured: 40-52 MiB of sealed frames at once per peer in a 64 MiB all-reduce). Until then the
+frame waits here as the caller's buffer, by reference, as a zero-copy send in the clear does.
+
 No sockets of the control plane live here; ``collectives.transport`` drives this object from its poll
 loop and turns what ``drain`` returns into its events.
 """
@@ -20,7 +26,6 @@ import secrets
 import time
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import zmq
 
 from collectives import aead, wire
@@ -29,6 +34,8 @@ from collectives.errors import AuthError, RemoteError, WireError
 log = logging.getLogger(__name__)
 MAX_KEYS_PER_PEER = 2  # the current key and the one before (frames sealed under it may still be in flight)
 MAX_SENDERS = 4096     # senders whose keys we keep (the least recently keyed are forgotten beyond this)
+SEND_WINDOW = 2        # sealed messages libzmq may queue per data stream (its SNDHWM; one more is on the wire)
+RECV_WINDOW = 4        # sealed messages libzmq may hold per inbound data connection before it stops reading
 
 
 class SealedLinks:
@@ -42,7 +49,9 @@ class SealedLinks:
         self.router.setsockopt(zmq.LINGER, 0)
         # a sealed frame is the plaintext plus its tag; the header and prefix are frames of their own
         self.router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + aead.TAG_BYTES)
-        self.router.setsockopt(zmq.RCVHWM, rcv_hwm)
+        # few sealed frames wait per connection: past that libzmq stops reading it, TCP pushes back, and
+        # the sender's paced sealing waits (bounded memory at both ends; ``pump``)
+        self.router.setsockopt(zmq.RCVHWM, min(rcv_hwm, RECV_WINDOW))
         self.router.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 0)
         bracket = f"[{host}]" if ":" in host else host
@@ -58,7 +67,9 @@ class SealedLinks:
         self.openers: collections.OrderedDict[str, collections.OrderedDict[int, aead.Opener]] = \
             collections.OrderedDict()
         self.pending: dict[str, aead.Pending] = {}
-        self.queued: dict[str, collections.deque[tuple[bytes, Any]]] = {}
+        self.queued: dict[str, collections.deque[tuple[bytes, Any]]] = {}  # not sealed yet, in order
+        self.stuck: dict[zmq.Socket[Any], list[Any]] = {}  # sealed, refused by a full stream: goes first
+        self.writers: dict[zmq.Socket[Any], str] = {}      # streams registered for POLLOUT -> their peer
         self.socks: dict[str, list[zmq.Socket[Any]]] = {}
         self.endpoint: dict[str, str] = {}
         self.monitors: dict[zmq.Socket[Any], str] = {}
@@ -68,8 +79,7 @@ class SealedLinks:
         self._key_id = secrets.randbelow(2**31)
         self.stats: collections.Counter[str] = collections.Counter()
         # where the plaintext of an authentic chunk should go (the op that will read it offers a slice of
-        # its scratch); None: a fresh array per frame. Safe because ``send`` copies (seals) every payload
-        # before returning, so no buffer an op handed out is still waiting to be read here.
+        # its scratch, ``ring.AllReduce.landing``); None: a fresh array per frame
         self.landing: Optional[Callable[[str, wire.Chunk], Any]] = None
 
     # ------------------------------------------------------------------ key agreement
@@ -111,16 +121,14 @@ class SealedLinks:
             self._close_streams(peer)
             self.endpoint[peer] = endpoint
             self.socks[peer] = [self._stream(peer, endpoint) for _ in range(self.streams_per_peer)]
-        queue = self.queued.pop(peer, None)
-        while queue:
-            self.send(peer, *queue.popleft())
+        self.pump(peer)
 
     def _stream(self, peer: str, endpoint: str) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"{self.my_id}/{secrets.token_hex(4)}".encode())
         sock.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_ms)
-        sock.setsockopt(zmq.SNDHWM, 0)  # bounded by our own ops
+        sock.setsockopt(zmq.SNDHWM, SEND_WINDOW)  # sealing waits for room (``pump``)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if endpoint.startswith("tcp://["):
@@ -133,14 +141,57 @@ class SealedLinks:
 
     # ------------------------------------------------------------------ frames
     def send(self, peer: str, header: bytes, payload: Any) -> None:
-        sealer, socks = self.sealers.get(peer), self.socks.get(peer)
-        if sealer is None or not socks:  # a copy: the caller may reuse its buffer once we return
-            self.queued.setdefault(peer, collections.deque()).append((header, np.array(memoryview(payload))))
-            return
-        turn = (self.turn.get(peer, 0) + 1) % len(socks)
-        self.turn[peer] = turn
-        prefix, sealed_header, sealed = sealer.seal(turn, header, payload)
-        socks[turn].send_multipart([prefix, sealed_header, sealed.data], copy=False)
+        """Queue a frame for ``peer`` (the payload by reference: the caller does not write it again) and
+        seal what its streams have room for."""
+        self.queued.setdefault(peer, collections.deque()).append((header, payload))
+        self.pump(peer)
+
+    def pump(self, peer: str) -> None:
+        """Seal and send ``peer``'s queued frames, round robin over its streams, while the next stream has
+        room; then wait for ``POLLOUT`` on it (``writable``)."""
+        sealer, socks, queue = self.sealers.get(peer), self.socks.get(peer), self.queued.get(peer)
+        if sealer is None or not socks:
+            return  # no key or no stream yet: on_accept pumps
+        while True:
+            turn = (self.turn.get(peer, 0) + 1) % len(socks)
+            sock = socks[turn]
+            parts = self.stuck.pop(sock, None)
+            if parts is None:
+                if not queue:
+                    break
+                if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+                    self._wait_writable(sock, peer)
+                    return
+                header, payload = queue.popleft()
+                prefix, sealed_header, sealed = sealer.seal(turn, header, payload)
+                parts = [prefix, sealed_header, sealed.data]
+            try:
+                sock.send_multipart(parts, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.stuck[sock] = parts  # sealed with this stream's next counter: it must go first here
+                self._wait_writable(sock, peer)
+                return
+            self.turn[peer] = turn
+        if not queue:
+            self.queued.pop(peer, None)
+        for sock in socks:
+            self._stop_waiting(sock)
+
+    def writable(self, sock: zmq.Socket[Any]) -> None:
+        """The poll loop saw ``POLLOUT`` on a stream we wait for."""
+        peer = self.writers.get(sock)
+        if peer is not None:
+            self._stop_waiting(sock)
+            self.pump(peer)
+
+    def _wait_writable(self, sock: zmq.Socket[Any], peer: str) -> None:
+        if sock not in self.writers:
+            self.writers[sock] = peer
+            self.poller.register(sock, zmq.POLLOUT)
+
+    def _stop_waiting(self, sock: zmq.Socket[Any]) -> None:
+        if self.writers.pop(sock, None) is not None:
+            self.poller.unregister(sock)
 
     def drain(self) -> Iterator[tuple[str, Optional[wire.Message], Any, Optional[RemoteError]]]:
         """(sender, message, payload, None) per authentic frame; (sender or "", None, None, error) else."""
@@ -216,6 +267,8 @@ class SealedLinks:
             del self.monitors[mon]
             self.poller.unregister(mon)
         for sock in self.socks.pop(peer, []):
+            self._stop_waiting(sock)
+            self.stuck.pop(sock, None)
             sock.disable_monitor()
             sock.close(linger=0)
         for mon in mons:

@@ -251,12 +251,14 @@ class AllReduce(RingOp):
         """The slice of ``acc`` that this chunk's bytes may be written into before ``on_chunk`` reads them
         (secure mode decrypts straight into it: no per-frame allocation, no held copies), or None.
 
-        Only for a transport that copies every payload it is handed before ``send`` returns (sealing
-        does), because an all-gather slice lands where this op's reduce-scatter partial sum of the same
-        range was, after that sum was sent. A reduce-scatter slice lands where its partial sum is about to
-        be computed (in place: ``acc = src + acc``). Nothing lands twice, nothing lands where a final
-        slice is held (the owner's chunk never arrives in either phase), and a chunk ``on_chunk`` would
-        refuse gets None."""
+        Only for a transport whose frames are copies of what it was handed by the time they reach the next
+        peer (sealing is one), because an all-gather slice lands where this op's reduce-scatter partial
+        sum of the same range was. That sum has been sealed by then: the all-gather of a range reaches us
+        only after our right neighbour received our partial sum of it (the ring passes it on through
+        them to the chunk's owner). A reduce-scatter slice lands where its partial sum is about to be
+        computed (in place: ``acc = src + acc``). Nothing lands twice, nothing lands where a final slice
+        is held (the owner's chunk never arrives in either phase), and a chunk ``on_chunk`` would refuse
+        gets None."""
         if self.acc is None or self.codec is not None or sender != self.left:
             return None
         if msg.phase == PHASE_REDUCE_SCATTER:

@@ -301,6 +301,8 @@ class Transport:
                 self.conn_limit.on_events(sock)
             elif self.sealed is not None and sock is self.sealed.router:
                 events.extend(self._drain_sealed())
+            elif self.sealed is not None and isinstance(sock, zmq.Socket) and sock in self.sealed.writers:
+                self.sealed.writable(sock)
             elif self.sealed is not None and isinstance(sock, zmq.Socket) and sock in self.sealed.monitors:
                 events.extend(LinkEvent(p, "data_lost") for p in self.sealed.lost(sock))
             elif isinstance(sock, zmq.Socket) and sock in self._by_monitor:

@@ -27,8 +27,10 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     swarm.comm.barrier(timeout=timeout)
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
+    waits = []
     for _ in range(iters):
-        swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
+        m = swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
+        waits.append(m.get("duration_s", 0.0) - m.get("local_done_s", 0.0))  # our part done -> verdict in
     elapsed = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0  # pages mapped in while timed
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -41,6 +43,7 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     swarm.comm.barrier(timeout=timeout)
     return {"peer": swarm.id, "seconds_per_op": elapsed / iters, "correct": ok, "members": len(members),
             "rel_error": rel_error, "ring": members, "page_faults_per_op": faults / max(1, iters),
+            "commit_wait_s": sum(waits) / max(1, len(waits)),
             # peak resident memory while all-reducing, beyond what the process held before the buffer
             # existed, in units of the buffer (the caller's buffer itself counts 1)
             "peak_mem_over_buffer": (peak - rss_before) / max(1, x.nbytes)}

@@ -235,3 +235,45 @@ def test_a_captured_frame_replayed_is_refused(inproc: InProcess, monkeypatch: py
     finally:
         s.close(linger=0)
     assert ring.digest(bufs[0]) == ring.digest(bufs[1])
+
+
+def test_sealing_is_paced_by_the_stream_and_every_frame_arrives_in_order() -> None:
+    """A sender with 40 frames for a receiver that is not reading seals only what its stream (libzmq's
+    small send window plus the kernel's buffers) takes, keeping the rest unsealed; once the receiver
+    reads, the POLLOUT wake-ups seal and send the rest, and every frame opens, in order."""
+    from collectives.datalink import SEND_WINDOW, SealedLinks
+
+    ctx: zmq.Context = zmq.Context()
+    pollers = [zmq.Poller(), zmq.Poller()]
+    kw = dict(max_frame_bytes=2 << 20, rcv_hwm=256, handshake_ms=5000, streams=1, max_batch=64)
+    tx = SealedLinks(ctx, pollers[0], "sender", "127.0.0.1", **kw)  # type: ignore[arg-type]
+    rx = SealedLinks(ctx, pollers[1], "receiver", "127.0.0.1", **kw)  # type: ignore[arg-type]
+    frames, size = 40, 1 << 20
+    try:
+        tx.on_accept("receiver", rx.on_offer("sender", tx.offer("receiver")), "tcp://127.0.0.1")
+        for i in range(frames):
+            header = wire.encode(wire.Chunk(1, "w", 0, wire.PHASE_BROADCAST, 0, i, "uint8", size))
+            tx.send("receiver", header, np.full(size, i % 251, np.uint8))
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # let the sender fill whatever the wire takes
+            for sock, _ in pollers[0].poll(20):
+                tx.writable(sock)
+        sealed_early = tx.sealers["receiver"].counters.get(0, 0)
+        assert SEND_WINDOW <= sealed_early < frames // 2, sealed_early
+        assert len(tx.queued["receiver"]) == frames - sealed_early - len(tx.stuck)
+        got: list[int] = []
+        deadline = time.monotonic() + 20.0
+        while len(got) < frames and time.monotonic() < deadline:
+            for sock, _ in pollers[0].poll(0):
+                tx.writable(sock)
+            if pollers[1].poll(20):
+                for sender, msg, payload, err in rx.drain():
+                    assert err is None and sender == "sender" and isinstance(msg, wire.Chunk)
+                    assert np.all(np.asarray(payload) == msg.part % 251)
+                    got.append(msg.part)
+        assert got == list(range(frames))
+        assert not tx.queued.get("receiver") and not tx.writers
+    finally:
+        tx.close()
+        rx.close()
+        ctx.term()
