@@ -45,7 +45,8 @@ def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_byt
             "rel_error": max(r.get("rel_error", 0.0) for r in results),
             "peak_mem_over_buffer": max(r.get("peak_mem_over_buffer", 0.0) for r in results),
             "page_faults_per_op": max(r.get("page_faults_per_op", 0.0) for r in results),
-            "commit_wait_s": max(r.get("commit_wait_s", 0.0) for r in results)}
+            "commit_wait_s": max(r.get("commit_wait_s", 0.0) for r in results),
+            "commit_copy_s": max(r.get("commit_copy_s", 0.0) for r in results)}
 
 
 def catchup(sources: int, mb: float, timeout: float = 600.0) -> dict[str, Any]:
@@ -87,6 +88,7 @@ def run_bench(a: argparse.Namespace) -> int:
                            "page_faults_per_op": round(ours["page_faults_per_op"]),
                            "retain_freed_mb": a.retain_freed_mb,
                            "commit_wait_ms": round(ours["commit_wait_s"] * 1e3, 1),
+                           "commit_copy_ms": round(ours["commit_copy_s"] * 1e3, 1),
                            "parity_digest": not a.no_digest, "secure": not getattr(a, "insecure", False)}
     if not a.skip_gloo:
         gloo = run_gloo_allreduce(a.peers, nbytes, iters=a.iters, warmup=a.warmup)

@@ -381,6 +381,7 @@ class OpEngine:
     # ------------------------------------------------------------------ completion
     def _commit(self, rec: OpRecord, now: float) -> None:
         value: Any = None
+        rec.metrics["verdict_s"] = now - rec.started  # the commit verdict is in; the copy out follows
         if rec.spec.kind in ("all_reduce", "broadcast", "recv") and rec.core is not None:
             views = rec.spec.views
             if len(views) == 1:
