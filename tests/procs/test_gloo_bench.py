@@ -49,3 +49,19 @@ def test_timeout_kills_and_reaps_children() -> None:
     with pytest.raises(RuntimeError, match="timed out"):
         run_gloo_allreduce(2, 1 << 20, iters=2, warmup=1, timeout_s=0.5)
     assert _child_pids() <= before
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("insecure,retain_mb", [(True, 256), (False, 0)])
+def test_swarmtrain_bench_reports_its_costs(insecure: bool, retain_mb: float) -> None:
+    """``swarmtrain bench allreduce``'s own side: a correct result and the per-op costs it reports (page
+    faults, commit wait and copy, peak memory), with and without the freed-buffer malloc settings."""
+    from peer.bench.allreduce import swarmtrain_allreduce
+
+    before = _child_pids()
+    res = swarmtrain_allreduce(2, 8 << 20, iters=3, warmup=1, slice_bytes=1 << 20, digest=True, timeout=120,
+                               insecure=insecure, retain_freed_mb=retain_mb)
+    assert res["peers"] == 2 and res["seconds_per_op"] > 0 and res["rel_error"] < 1e-6
+    assert res["page_faults_per_op"] >= 0 and res["commit_copy_s"] > 0 and res["commit_wait_s"] >= 0
+    assert res["peak_mem_over_buffer"] >= 1.0  # the caller's buffer itself counts 1
+    assert _child_pids() <= before
