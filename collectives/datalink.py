@@ -217,13 +217,14 @@ class SealedLinks:
             opener = keys.get(key_id) if keys is not None else None
             if opener is None:
                 raise AuthError(f"data frame claiming {sender!r} under a key we did not agree")
-            header, payload = opener.open(frames[1].bytes, frames[2].buffer, frames[3].buffer,
-                                          self._lander(sender) if self.landing is not None else None)
+            decoded: list[wire.Message] = []  # the header, if the lander decoded it already
+            lander = self._lander(sender, self.landing, decoded) if self.landing is not None else None
+            header, payload = opener.open(frames[1].bytes, frames[2].buffer, frames[3].buffer, lander)
         except AuthError as exc:
             self.stats["refused"] += 1
             return "", None, None, exc
         try:  # authentic from here: a malformed message is the sender's fault
-            msg = wire.decode(header)
+            msg = decoded[0] if decoded else wire.decode(header)
             if not msg.HAS_PAYLOAD:
                 raise WireError(f"{type(msg).__name__} on the data socket")
         except WireError as exc:
@@ -231,15 +232,19 @@ class SealedLinks:
         self.stats["opened"] += 1
         return sender, msg, payload, None
 
-    def _lander(self, sender: str) -> Callable[[bytes, int], Any]:
+    def _lander(self, sender: str, landing: Callable[[str, wire.Chunk], Any],
+                decoded: list[wire.Message]) -> Callable[[bytes, int], Any]:
+        """``Opener.open``'s ``dest``: decodes the (authentic) header once, into ``decoded``, and asks
+        ``landing`` where an all-reduce chunk goes."""
         def dest(header: bytes, nbytes: int) -> Any:
             try:
                 msg = wire.decode(header)
             except WireError:
                 return None  # refused after opening, as before
-            if self.landing is None or not isinstance(msg, wire.Chunk):
+            decoded.append(msg)
+            if not isinstance(msg, wire.Chunk):
                 return None
-            buf = self.landing(sender, msg)
+            buf = landing(sender, msg)
             if buf is not None and memoryview(buf).nbytes != nbytes:
                 return None  # the header's size is wrong: the ring refuses it from a fresh array
             if buf is not None:

@@ -5,8 +5,8 @@ socket straight into it, and the secure path's sealed and opened frames are fres
 allocation is above glibc's initial mmap threshold (128 KiB), and glibc hands freed memory back to the kernel
 once more than its trim threshold sits free at the top of a heap. So with the defaults a 64 MiB all-reduce
 maps, page-faults in (zero-filling every 4 KiB page) and unmaps most of its receive buffers on every op:
-measured here, that alone costs about a third of a 64 MiB op on loopback (docs/performance.md, "Freed
-buffers stay in the process").
+measured here, that alone cost about a third of a 64 MiB op on loopback (docs/performance.md, "What
+changed", item 4).
 
 ``retain_freed_buffers`` raises both thresholds once per process (``mallopt``): allocations up to
 ``MMAP_THRESHOLD`` come from malloc's heaps, and up to ``retain_bytes`` of freed memory stays mapped for the

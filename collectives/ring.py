@@ -143,9 +143,9 @@ class RingOp:
         """(dtype, element count) that ``n`` values travel as."""
         return self.dtype, n
 
-    def _accept(self, sender: str, msg: Chunk, payload: Any, expect_from: str, phase: int, steps: int,
-                parts: list[tuple[int, int]]) -> np.ndarray:
-        """Validate one received slice; return it as a numpy array (of the wire dtype)."""
+    def _check(self, sender: str, msg: Chunk, expect_from: str, phase: int, steps: int,
+               parts: list[tuple[int, int]]) -> tuple[int, int]:
+        """The [lo, hi) of a slice this op expects and has not received yet; ``ProtocolError`` else."""
         if sender != expect_from:
             raise ProtocolError(f"chunk from {sender}, expected {expect_from}")
         if msg.phase != phase or msg.step >= steps or msg.part >= len(parts):
@@ -157,7 +157,14 @@ class RingOp:
         dtype, count = self._wire(hi - lo)
         if msg.dtype != dtype or msg.count != count:
             raise ProtocolError(f"chunk is {msg.count} x {msg.dtype}, expected {count} x {dtype}")
-        arr = tensors.from_payload(payload, dtype, msg.count)
+        return lo, hi
+
+    def _accept(self, sender: str, msg: Chunk, payload: Any, expect_from: str, phase: int, steps: int,
+                parts: list[tuple[int, int]]) -> np.ndarray:
+        """Validate one received slice; return it as a numpy array (of the wire dtype)."""
+        self._check(sender, msg, expect_from, phase, steps, parts)
+        key = (msg.phase, msg.step, msg.part)
+        arr = tensors.from_payload(payload, msg.dtype, msg.count)
         self.seen.add(key)
         self.remaining -= 1
         self.bytes_received += arr.nbytes
@@ -259,20 +266,16 @@ class AllReduce(RingOp):
         computed (in place: ``acc = src + acc``). Nothing lands twice, nothing lands where a final slice
         is held (the owner's chunk never arrives in either phase), and a chunk ``on_chunk`` would refuse
         gets None."""
-        if self.acc is None or self.codec is not None or sender != self.left:
-            return None
-        if msg.phase == PHASE_REDUCE_SCATTER:
-            c = self._rs_chunk(msg.step)
-        elif msg.phase == PHASE_ALL_GATHER:
-            c = self._ag_chunk(msg.step)
-        else:
-            return None
         key = (msg.phase, msg.step, msg.part)
-        if msg.step >= self.n - 1 or msg.part >= len(self.parts[c]) or key in self.seen or key in self.landed:
+        if self.acc is None or self.codec is not None or key in self.landed or \
+                msg.phase not in (PHASE_REDUCE_SCATTER, PHASE_ALL_GATHER):
             return None
-        lo, hi = self.parts[c][msg.part]
-        if msg.dtype != self.dtype or msg.count != hi - lo:
-            return None
+        chunk = self._rs_chunk if msg.phase == PHASE_REDUCE_SCATTER else self._ag_chunk
+        c = chunk(msg.step) if msg.step <= self.n - 2 else -1  # as on_chunk picks it
+        try:
+            lo, hi = self._check(sender, msg, self.left, msg.phase, self.n - 1, self.parts[c])
+        except ProtocolError:
+            return None  # refused later by on_chunk, from a fresh buffer
         self.landed.add(key)
         return self.acc[lo:hi]
 
