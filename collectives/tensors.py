@@ -83,7 +83,7 @@ def from_payload(buf: Any, dtype: str, count: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- parity checksum
 
-_ROW_WORDS = 4096  # 32 KiB rows: column sums stay in L1/L2, row sums are contiguous reductions
+_ROW_WORDS = 512  # 4 KiB rows: the column sums' accumulator stays in L1 (4096 was 1.4x slower here)
 _LE64 = np.dtype("<u8")
 
 
@@ -92,7 +92,7 @@ def slice_checksum(values: Any) -> bytes:
     by a bug, it is no defence against a lying peer (that one can send anything).
 
     A 2-D sum code instead of CRC32 (5x faster here, and the digest must stay nearly free): the bytes as
-    little-endian 64-bit words in rows of 4096; every column sum and every row sum (mod 2**64), then
+    little-endian 64-bit words in rows of 512; every column sum and every row sum (mod 2**64), then
     BLAKE2b of those sums and of the tail. A change confined to at most three words always changes a row
     or column sum (keeping them all needs two changed words in every touched row and column); random
     corruption goes unnoticed with probability about 2**-64."""
