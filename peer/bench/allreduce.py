@@ -44,6 +44,7 @@ def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_byt
             "busbw_gbps": 2 * (n - 1) / n * nbytes / sec / 1e9,
             "rel_error": max(r.get("rel_error", 0.0) for r in results),
             "peak_mem_over_buffer": max(r.get("peak_mem_over_buffer", 0.0) for r in results),
+            "peak_mem_since_start": any(r.get("peak_mem_since_start", True) for r in results),
             "page_faults_per_op": max(r.get("page_faults_per_op", 0.0) for r in results),
             "commit_wait_s": max(r.get("commit_wait_s", 0.0) for r in results),
             "commit_copy_s": max(r.get("commit_copy_s", 0.0) for r in results)}
@@ -85,6 +86,8 @@ def run_bench(a: argparse.Namespace) -> int:
                            "swarmtrain_seconds_per_op": round(ours["seconds_per_op"], 5),
                            "rel_error_vs_exact": ours["rel_error"],
                            "peak_mem_over_buffer": round(ours["peak_mem_over_buffer"], 2),
+                           # True where the OS cannot reset the peak: then it may predate the buffer
+                           "peak_mem_since_start": ours["peak_mem_since_start"],
                            "page_faults_per_op": round(ours["page_faults_per_op"]),
                            "retain_freed_mb": a.retain_freed_mb,
                            "commit_wait_ms": round(ours["commit_wait_s"] * 1e3, 1),
