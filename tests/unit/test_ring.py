@@ -283,45 +283,6 @@ def test_landing_refuses_what_on_chunk_would_refuse() -> None:
     assert coded.landing(names[0], rs) is None  # compressed chunks decode into fresh arrays
 
 
-@pytest.mark.parametrize("n", [3, 4, 5])
-def test_allgather_slices_reuse_the_partial_sums_scratch_in_the_clear(n: int) -> None:
-    """In the clear, an all-gather slice from step 1 on is copied into ``acc`` where our partial sum of
-    that range was (sent, and received downstream, by then), and the frame is let go: only step 0's
-    range (our own chunk, sent from ``src``) stays a held frame. Zero-copy delivery (``lazy``) checks that
-    no partial sum is overwritten before the next peer has it; the bits match the reference."""
-    rng = np.random.default_rng(40 + n)
-    inputs = make_inputs(rng, "float32", n, 4000)
-    sb = slice_bytes_for(4000, n, 4)
-    ref = digests(run_allreduce(inputs, "float32", "sum", sb, seed=None))
-    names = members(n)
-    for seed in range(3):
-        ops = {name: AllReduce(OP, names, name, x.copy(), "float32", "sum", sb) for name, x in zip(names, inputs)}
-        Net(ops, seed=seed, lazy=True).run()
-        assert digests(ops) == ref
-        for op in ops.values():
-            acc_held = {lo for lo, (_, v) in op.held.items() if np.shares_memory(v, op.acc)}
-            own = {lo for lo, _ in op.parts[op.rank]}  # all-gather step 0: held as received
-            assert acc_held == set(op.held) - own
-        assert_matches_reference(ops[names[0]].result, inputs, "sum", "float32")
-
-
-def test_an_allgather_slice_that_arrives_before_our_partial_sum_stays_a_frame() -> None:
-    """Out of order (no honest ring does this): the range's partial sum is not computed yet, so the slice
-    must not go into ``acc`` (the partial sum would overwrite it); it is held as received."""
-    names = members(3)
-    src = np.arange(3000, dtype=np.float32)
-    op = AllReduce(OP, names, names[1], src, "float32", "sum", 4000)
-    op.start()
-    ag1 = wire.Chunk(OP.epoch, OP.group, OP.seq, wire.PHASE_ALL_GATHER, 1, 0, "float32", 1000)
-    frame = np.full(1000, 7.0, np.float32)
-    op.on_chunk(names[0], ag1, frame)
-    lo = op.parts[op._ag_chunk(1)][0][0]
-    assert np.shares_memory(op.held[lo][1], frame) and not np.shares_memory(op.held[lo][1], op.acc)
-    rs0 = wire.Chunk(OP.epoch, OP.group, OP.seq, wire.PHASE_REDUCE_SCATTER, 0, 0, "float32", 1000)
-    op.on_chunk(names[0], rs0, np.ones(1000, np.float32))
-    assert np.array_equal(op.held[lo][1], frame)
-
-
 @pytest.mark.parametrize("dtype", ["float16", "int32", "uint8"])
 def test_allreduce_other_dtypes(dtype: str) -> None:
     rng = np.random.default_rng(5)
