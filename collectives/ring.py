@@ -301,12 +301,29 @@ class AllReduce(RingOp):
             self._hold(lo, hi, acc)
             return [self._send(self.right, PHASE_ALL_GATHER, 0, msg.part, wire, hi - lo)]
         c = self._ag_chunk(msg.step) if msg.step <= last else -1
+        key = (msg.phase, msg.step, msg.part)
         incoming = self._accept(sender, msg, payload, self.left, PHASE_ALL_GATHER, self.n - 1, self.parts[c])
         lo, hi = self.parts[c][msg.part]
-        self._hold(lo, hi, self._dec(incoming, hi - lo))
+        values = self._dec(incoming, hi - lo)
+        if self._reuse_partial(key, msg):
+            # This range held our partial sum of it (reduce-scatter step - 1), which our right neighbour
+            # has received by now: the chunk's owner could only finish it after that. Copy the final
+            # bytes there and let the frame go (peak memory: N-2 of N chunks are not held twice).
+            values = self.acc[lo:hi]
+            np.copyto(values, incoming)
+            payload = values
+        self._hold(lo, hi, values)
         if msg.step < last:
             return [self._send(self.right, PHASE_ALL_GATHER, msg.step + 1, msg.part, payload, hi - lo)]
         return []
+
+    def _reuse_partial(self, key: tuple[int, int, int], msg: Chunk) -> bool:
+        """Whether an all-gather slice (already accepted) goes into ``acc`` where our reduce-scatter
+        partial sum of the same range was: in the clear (a landed slice is there already), uncompressed,
+        from step 1 on (step 0's range is our own chunk, which we sent from ``src``), and only once that
+        partial sum has been computed and sent (a chunk that arrives before it stays a held frame)."""
+        return (self.codec is None and msg.step >= 1 and key not in self.landed and
+                (PHASE_REDUCE_SCATTER, msg.step - 1, msg.part) in self.seen)
 
 
 class AllGather(RingOp):
