@@ -56,7 +56,10 @@ _MAX_HELLO_BYTES = 256  # a key on probation may send nothing bigger (a Hello is
 @dataclass(frozen=True)
 class Limits:
     max_frame_bytes: int = 16 * 1024 * 1024 + 64 * 1024
-    rcv_hwm: int = 256
+    # messages libzmq holds per inbound connection before it stops reading it (TCP then pushes back; nothing
+    # is dropped). In the clear this router carries tensor frames: a deep queue there is memory (64 MiB
+    # all-reduce, N = 4: peak 2.8-3.0x the buffer with 256, 2.4x with 4; docs/performance.md)
+    rcv_hwm: int = 4
     max_batch: int = 64  # messages handled per poll before timers get a turn
     io_threads: int = 1  # zmq I/O threads (one saturates loopback here; more help only with many streams)
     streams: int = 1     # TCP connections per neighbour for tensor data (fills long fat WAN pipes)
