@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_byt
     if not all(r.get("correct") for r in results):
         raise RuntimeError(f"swarmtrain all-reduce gave a wrong result: {results}")
     sec = max(r["seconds_per_op"] for r in results)
+    phases = op_phases([r.get("timeline", []) for r in results])
     return {"backend": "swarmtrain", "peers": n, "bytes": nbytes, "seconds_per_op": sec,
             "busbw_gbps": 2 * (n - 1) / n * nbytes / sec / 1e9,
             "rel_error": max(r.get("rel_error", 0.0) for r in results),
@@ -47,7 +49,25 @@ def swarmtrain_allreduce(n: int, nbytes: int, iters: int, warmup: int, slice_byt
             "peak_mem_since_start": any(r.get("peak_mem_since_start", True) for r in results),
             "page_faults_per_op": max(r.get("page_faults_per_op", 0.0) for r in results),
             "commit_wait_s": max(r.get("commit_wait_s", 0.0) for r in results),
-            "commit_copy_s": max(r.get("commit_copy_s", 0.0) for r in results)}
+            "commit_copy_s": max(r.get("commit_copy_s", 0.0) for r in results), **phases}
+
+
+def op_phases(timelines: list[list[Any]]) -> dict[str, float]:
+    """Where an op's time goes across members, from each peer's (started, done, verdict, finished) per timed
+    op on the driver's monotonic clock (one host: every process reads the same clock). Medians over ops, in
+    seconds: ``ring_s`` a member's own ring part (started -> done), ``start_skew_s`` and ``done_skew_s``
+    the spread between members, ``verdict_rtt_s`` the last member done -> the first verdict in (the
+    coordinator's turn), ``verdict_skew_s`` the spread of the verdict's arrival."""
+    ops = min((len(t) for t in timelines), default=0)
+    if not timelines or not ops:
+        return {}
+    rows = [[t[k] for t in timelines] for k in range(ops)]
+    return {
+        "ring_s": statistics.median(d - s for row in rows for s, d, _, _ in row),
+        "start_skew_s": statistics.median(max(r[0] for r in row) - min(r[0] for r in row) for row in rows),
+        "done_skew_s": statistics.median(max(r[1] for r in row) - min(r[1] for r in row) for row in rows),
+        "verdict_rtt_s": statistics.median(min(r[2] for r in row) - max(r[1] for r in row) for row in rows),
+        "verdict_skew_s": statistics.median(max(r[2] for r in row) - min(r[2] for r in row) for row in rows)}
 
 
 def catchup(sources: int, mb: float, timeout: float = 600.0) -> dict[str, Any]:
@@ -92,6 +112,9 @@ def run_bench(a: argparse.Namespace) -> int:
                            "retain_freed_mb": a.retain_freed_mb,
                            "commit_wait_ms": round(ours["commit_wait_s"] * 1e3, 1),
                            "commit_copy_ms": round(ours["commit_copy_s"] * 1e3, 1),
+                           **{k[:-2] + "_ms": round(ours[k] * 1e3, 2) for k in
+                              ("ring_s", "start_skew_s", "done_skew_s", "verdict_rtt_s", "verdict_skew_s")
+                              if k in ours},
                            "parity_digest": not a.no_digest, "secure": not getattr(a, "insecure", False)}
     if not a.skip_gloo:
         gloo = run_gloo_allreduce(a.peers, nbytes, iters=a.iters, warmup=a.warmup)

@@ -31,11 +31,14 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     waits, copies = [], []
+    timeline = []  # per op: started, our part done, verdict in, finished (the driver's monotonic clock)
     for _ in range(iters):
         m = swarm.comm.all_reduce(x, timeout=timeout, codec=codec)
         verdict = m.get("verdict_s", 0.0)
         waits.append(verdict - m.get("local_done_s", 0.0))  # our part done -> the verdict is in
         copies.append(m.get("duration_s", 0.0) - verdict)   # the commit: the result into the caller's buffer
+        if "verdict_at" in m:
+            timeline.append((m["started_at"], m["done_at"], m["verdict_at"], m["started_at"] + m["duration_s"]))
     elapsed = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0  # pages mapped in while timed
     peak = _peak_rss_bytes() if peak_from_here else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -50,6 +53,7 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
             "rel_error": rel_error, "ring": members, "page_faults_per_op": faults / max(1, iters),
             "commit_wait_s": sum(waits) / max(1, len(waits)),
             "commit_copy_s": sum(copies) / max(1, len(copies)),
+            "timeline": timeline,
             # peak resident memory while all-reducing, beyond what the process held before the buffer
             # existed, in units of the buffer (the caller's buffer itself counts 1)
             "peak_mem_over_buffer": (peak - rss_before) / max(1, x.nbytes),

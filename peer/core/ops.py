@@ -305,6 +305,7 @@ class OpEngine:
             return
         rec.state = "awaiting"
         rec.metrics["local_done_s"] = now - rec.started
+        rec.metrics["started_at"], rec.metrics["done_at"] = rec.started, now  # the driver's clock
         if rec.core is not None:
             rec.core.flush()  # its last slices' checksums, for the digest below
         dig = rec.core.digest() if (self.parity_digest and rec.core is not None) else b""
@@ -382,6 +383,7 @@ class OpEngine:
     def _commit(self, rec: OpRecord, now: float) -> None:
         value: Any = None
         rec.metrics["verdict_s"] = now - rec.started  # the commit verdict is in; the copy out follows
+        rec.metrics["verdict_at"] = now
         if rec.spec.kind in ("all_reduce", "broadcast", "recv") and rec.core is not None:
             views = rec.spec.views
             if len(views) == 1:

@@ -67,4 +67,8 @@ def test_swarmtrain_bench_reports_its_costs(insecure: bool, retain_mb: float) ->
     # the peak is started afresh when the buffer is made (Linux): start-up and imports must not count, and
     # what an 8 MiB all-reduce holds at once stays well under the tens of MiB a peer process starts with
     assert not res["peak_mem_since_start"] and res["peak_mem_over_buffer"] < 6
+    # the phases, from every member's timeline on one clock: a member's ring part is shorter than an op, and
+    # no verdict arrives before the last member has finished its part (the coordinator waits for all)
+    assert 0 < res["ring_s"] < res["seconds_per_op"] and res["verdict_rtt_s"] >= 0
+    assert res["start_skew_s"] >= 0 and res["done_skew_s"] >= 0 and res["verdict_skew_s"] >= 0
     assert _child_pids() <= before
