@@ -301,11 +301,10 @@ class AllReduce(RingOp):
             self._hold(lo, hi, acc)
             return [self._send(self.right, PHASE_ALL_GATHER, 0, msg.part, wire, hi - lo)]
         c = self._ag_chunk(msg.step) if msg.step <= last else -1
-        key = (msg.phase, msg.step, msg.part)
         incoming = self._accept(sender, msg, payload, self.left, PHASE_ALL_GATHER, self.n - 1, self.parts[c])
         lo, hi = self.parts[c][msg.part]
         values = self._dec(incoming, hi - lo)
-        if self._reuse_partial(key, msg):
+        if self._reuse_partial(msg):
             # This range held our partial sum of it (reduce-scatter step - 1), which our right neighbour
             # has received by now: the chunk's owner could only finish it after that. Copy the final
             # bytes there and let the frame go (peak memory: N-2 of N chunks are not held twice).
@@ -317,12 +316,13 @@ class AllReduce(RingOp):
             return [self._send(self.right, PHASE_ALL_GATHER, msg.step + 1, msg.part, payload, hi - lo)]
         return []
 
-    def _reuse_partial(self, key: tuple[int, int, int], msg: Chunk) -> bool:
+    def _reuse_partial(self, msg: Chunk) -> bool:
         """Whether an all-gather slice (already accepted) goes into ``acc`` where our reduce-scatter
         partial sum of the same range was: in the clear (a landed slice is there already), uncompressed,
         from step 1 on (step 0's range is our own chunk, which we sent from ``src``), and only once that
         partial sum has been computed and sent (a chunk that arrives before it stays a held frame)."""
-        return (self.codec is None and msg.step >= 1 and key not in self.landed and
+        landed = (msg.phase, msg.step, msg.part) in self.landed
+        return (self.codec is None and msg.step >= 1 and not landed and
                 (PHASE_REDUCE_SCATTER, msg.step - 1, msg.part) in self.seen)
 
 

@@ -5,7 +5,7 @@
 Checksums a random buffer slice by slice (4 MiB and 1 MiB slices, as the ring does) with rows of 4096
 64-bit words (before 2026-12-03) and of 512 (now), best of ``reps`` for each, and prints the ratio. The
 checksum's bytes differ between widths; what it catches does not (a change confined to at most three
-words always changes a row or a column sum, ``tests/unit/test_tensors.py``).
+words always changes a row or a column sum, ``tests/unit/test_checksum.py``).
 """
 
 from __future__ import annotations

@@ -62,12 +62,13 @@ def op_phases(timelines: list[list[Any]]) -> dict[str, float]:
     if not timelines or not ops:
         return {}
     rows = [[t[k] for t in timelines] for k in range(ops)]
-    return {
-        "ring_s": statistics.median(d - s for row in rows for s, d, _, _ in row),
-        "start_skew_s": statistics.median(max(r[0] for r in row) - min(r[0] for r in row) for row in rows),
-        "done_skew_s": statistics.median(max(r[1] for r in row) - min(r[1] for r in row) for row in rows),
-        "verdict_rtt_s": statistics.median(min(r[2] for r in row) - max(r[1] for r in row) for row in rows),
-        "verdict_skew_s": statistics.median(max(r[2] for r in row) - min(r[2] for r in row) for row in rows)}
+
+    def spread(i: int) -> float:  # median over ops of how far apart the members' i-th instants were
+        return statistics.median(max(r[i] for r in row) - min(r[i] for r in row) for row in rows)
+
+    return {"ring_s": statistics.median(d - s for row in rows for s, d, _, _ in row),
+            "start_skew_s": spread(0), "done_skew_s": spread(1), "verdict_skew_s": spread(2),
+            "verdict_rtt_s": statistics.median(min(r[2] for r in row) - max(r[1] for r in row) for row in rows)}
 
 
 def catchup(sources: int, mb: float, timeout: float = 600.0) -> dict[str, Any]:

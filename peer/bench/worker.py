@@ -37,8 +37,9 @@ def bench_worker(swarm: Swarm, elems: int, iters: int, warmup: int, expect: int,
         verdict = m.get("verdict_s", 0.0)
         waits.append(verdict - m.get("local_done_s", 0.0))  # our part done -> the verdict is in
         copies.append(m.get("duration_s", 0.0) - verdict)   # the commit: the result into the caller's buffer
-        if "verdict_at" in m:
-            timeline.append((m["started_at"], m["done_at"], m["verdict_at"], m["started_at"] + m["duration_s"]))
+        if "verdict_s" in m:
+            t = m["started_at"]
+            timeline.append((t, t + m["local_done_s"], t + verdict, t + m["duration_s"]))
     elapsed = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0  # pages mapped in while timed
     peak = _peak_rss_bytes() if peak_from_here else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

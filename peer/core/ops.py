@@ -305,7 +305,6 @@ class OpEngine:
             return
         rec.state = "awaiting"
         rec.metrics["local_done_s"] = now - rec.started
-        rec.metrics["started_at"], rec.metrics["done_at"] = rec.started, now  # the driver's clock
         if rec.core is not None:
             rec.core.flush()  # its last slices' checksums, for the digest below
         dig = rec.core.digest() if (self.parity_digest and rec.core is not None) else b""
@@ -383,7 +382,6 @@ class OpEngine:
     def _commit(self, rec: OpRecord, now: float) -> None:
         value: Any = None
         rec.metrics["verdict_s"] = now - rec.started  # the commit verdict is in; the copy out follows
-        rec.metrics["verdict_at"] = now
         if rec.spec.kind in ("all_reduce", "broadcast", "recv") and rec.core is not None:
             views = rec.spec.views
             if len(views) == 1:
@@ -413,7 +411,8 @@ class OpEngine:
         now = self._clock() if self._clock is not None else rec.last_progress
         m = rec.metrics
         m.update(kind=rec.spec.kind, epoch=rec.key[0], group=rec.key[1], seq=rec.key[2],
-                 members=list(rec.members), duration_s=now - rec.started, committed=error is None,
+                 members=list(rec.members), started_at=rec.started,  # the driver's clock; offsets below
+                 duration_s=now - rec.started, committed=error is None,
                  error=type(error).__name__ if error else "", reason=str(error) if error else "")
         if rec.core is not None:
             m.update(bytes_sent=rec.core.bytes_sent, bytes_received=rec.core.bytes_received)
