@@ -213,13 +213,18 @@ class HeartbeatAck(Message):
 @register
 @dataclass(frozen=True)
 class Stale(Message):
-    """'You are not a member of my epoch (evicted, or your term is over): rejoin.'"""
+    """'You are not a member of my epoch (evicted, or your term is over): rejoin.'
+
+    ``refused_epoch``: the epoch named by the message this answers, or -1 (it refuses a Join, or answers no
+    one message). A joining or pending peer (epoch 0) ignores one above 0: it refuses a message of the
+    peer's former membership, queued while it was cut off and delivered before its Join."""
     TAG = 6
     term: int
     epoch: int
     coord_id: str
     coord_addr: str
     reason: str
+    refused_epoch: int = -1
 
     def validate(self) -> None:
         check_peer_id(self.coord_id)

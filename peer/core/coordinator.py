@@ -161,8 +161,8 @@ class CoordinatorCore:
         self.pending.clear()
         return self._new_epoch(f"{reason}: {','.join(joined)} joined")
 
-    def _stale(self, peer: str, reason: str) -> Out:
-        return Out(peer, wire.Stale(self.term, self.epoch, self.me, self.me_addr, reason))
+    def _stale(self, peer: str, reason: str, refused_epoch: int = -1) -> Out:
+        return Out(peer, wire.Stale(self.term, self.epoch, self.me, self.me_addr, reason, refused_epoch))
 
     # ------------------------------------------------------------------ inputs
     def on_message(self, sender: str, msg: wire.Message, now: float) -> list[Action]:
@@ -181,7 +181,7 @@ class CoordinatorCore:
             addr = self.former.get(sender)
             if addr is not None and isinstance(msg, (wire.Heartbeat, wire.TopologyVote, wire.OpDone,
                                                       wire.OpFail, wire.Suspect)):
-                return [Connect(sender, addr), self._stale(sender, "not a member (evicted)")]
+                return [Connect(sender, addr), self._stale(sender, "not a member (evicted)", msg.epoch)]
             return []
         if isinstance(msg, wire.Heartbeat):
             out: list[Action] = [Out(sender, wire.HeartbeatAck(self.term, self.epoch, self._wanted()))]
@@ -382,7 +382,7 @@ class CoordinatorCore:
                 return []  # a late straggler that is still a member: nothing to do
             # a survivor we did not wait for: it is stale and must rejoin as a new peer
             self.addrs.setdefault(sender, msg.addr)
-            return [Connect(sender, msg.addr), self._stale(sender, "re-formed without you")]
+            return [Connect(sender, msg.addr), self._stale(sender, "re-formed without you", msg.last_epoch)]
         if msg.term != self.term:
             return []
         self.rejoined[sender] = msg

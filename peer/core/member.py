@@ -239,6 +239,12 @@ class MemberCore:
             return []  # we left: no coordinator moves us any more
         term = getattr(msg, "term", None)
         if isinstance(msg, wire.Stale):
+            if self.state in (NodeState.JOINING, NodeState.PENDING) and msg.refused_epoch > 0:
+                # It refuses a message of our former membership (queued while we were cut off, delivered
+                # before our Join): it says nothing about this join, and the Welcome follows it.
+                self.log.info("ignoring a Stale for our former membership (epoch %d): %s", msg.refused_epoch,
+                              msg.reason)
+                return []
             if sender == self.coord_id or (msg.term > self.term and self._may_lead(sender)):
                 return self._become_stale(msg)
             return []

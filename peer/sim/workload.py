@@ -19,6 +19,7 @@ import numpy as np
 
 from collectives.errors import CoordinatorUnavailable, DeadlineExceeded, OpAborted, StaleError, TooFewPeers
 from collectives import ring
+from peer.core.states import NodeState
 from peer.sim.inputs import input_for, seed_for
 from peer.swarm import Swarm
 
@@ -57,6 +58,10 @@ def run_allreduce(swarm: Swarm, w: AllReduceWorkload, record: Optional[IO[str]] 
             break
         try:
             x = None
+            if swarm.state in (NodeState.JOINING, NodeState.PENDING):
+                # A rejoin that overran its wait is still under way: an op submitted now would be refused
+                # (LocalError), so wait for the admission (or the StaleError that sends us to rejoin again).
+                swarm.wait_admitted(timeout=w.op_timeout)
             if swarm.peers_pending:
                 swarm.update_topology(timeout=w.op_timeout)
             seed = seed_for(swarm.id, attempt)

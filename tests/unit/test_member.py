@@ -236,6 +236,45 @@ def test_stale_from_the_coordinator_fails_open_ops_and_rejoin_asks_it_first() ->
     assert a.state is NodeState.MEMBER and "a" in a.members
 
 
+def test_a_rejoining_peer_is_not_made_stale_by_answers_to_its_former_membership() -> None:
+    """A peer cut off from the swarm queues heartbeats and op failures of its old epoch; at the heal they can
+    reach the coordinator before its Join, and the coordinator answers each with a Stale ("evicted"). That
+    answer reaches the joiner before the Welcome: it must not make the joiner stale (it did, and the joiner
+    then ignored the Welcome)."""
+    net = swarm("a", "b", "x")
+    a, coord = net.cores["a"], net.cores["c"].coord
+    assert coord is not None
+    old_epoch = a.epoch
+    net.down.add("a")  # cut off: it hears nothing and its timers stop
+    net.advance(T.heartbeat_timeout + 1.0)
+    assert "a" not in coord.members and coord.epoch > old_epoch
+    net.down.discard("a")
+    net.deliver("a", [Out("c", wire.Heartbeat(a.term, a.epoch))])  # its first word after the heal
+    assert a.state is NodeState.STALE
+    join = a.rejoin(net.now)
+    assert a.state is NodeState.JOINING
+    # What a queued before the heal arrives now, ahead of the Join: an op failure, a heartbeat.
+    for late in (wire.OpFail(a.term, old_epoch, "default", 7, "deadline", ("a", "b", "x")), wire.Heartbeat(a.term, old_epoch)):
+        net.deliver("a", [Out("c", late)])
+    answers = [x.msg for x in net.seen["c"] if isinstance(x, Out) and x.to == "a" and isinstance(x.msg, wire.Stale)]
+    assert answers[-1].refused_epoch == old_epoch and "evicted" in answers[-1].reason
+    assert a.state is NodeState.JOINING
+    net.deliver("a", join)
+    assert a.state is NodeState.PENDING
+    net.vote("b", "x")
+    net.advance(0.2)
+    assert a.state is NodeState.MEMBER and "a" in a.members and a.epoch == coord.epoch
+
+
+def test_a_refused_join_still_makes_the_joiner_stale() -> None:
+    net = swarm("a")
+    j = net.add("j", join=(addr("c"),))
+    j.start(net.now)  # its Join is refused (not delivered here)
+    assert j.state is NodeState.JOINING
+    out = j.on_message("c", wire.Stale(1, 1, "c", addr("c"), "wrong swarm 'other'"), net.now, coord_up=True)
+    assert j.state is NodeState.STALE and any(isinstance(x, Wake) for x in out)
+
+
 def test_nobody_answers_a_join_retries_then_stale_at_the_deadline() -> None:
     net = Net()
     y = net.add("y", join=(addr("nobody"), addr("nobody2")))
