@@ -1,5 +1,6 @@
 """Inbound connections per remote address (I4), counted from a ROUTER's accept/disconnect monitor events;
-those beyond the limit are cut at once. Used by ``collectives.transport`` for its listening sockets."""
+those beyond the limit are cut at once. Used by ``collectives.transport`` for its listening sockets; its
+monitor helpers also serve the transport's links and ``collectives.datalink``'s data streams."""
 
 from __future__ import annotations
 
@@ -13,6 +14,21 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger(__name__)
+
+
+def monitor_events(monitor: Any) -> list[dict[str, Any]]:
+    """Every event queued on a zmq socket monitor, without blocking."""
+    evs = []
+    while True:
+        try:
+            evs.append(recv_monitor_message(monitor, zmq.NOBLOCK))
+        except zmq.Again:
+            return evs
+
+
+def disconnects(monitor: Any) -> int:
+    """How many disconnects are queued on a socket monitor (its other events are dropped)."""
+    return sum(ev["event"] == zmq.EVENT_DISCONNECTED for ev in monitor_events(monitor))
 
 
 class ConnLimit:
@@ -29,12 +45,7 @@ class ConnLimit:
         zmq reports an accepted connection by its fd. We look at the socket through a duplicate fd (never
         closing zmq's own), and cut an excess connection with ``shutdown``, which zmq then sees as a normal
         disconnect. An accept whose disconnect is already queued is skipped (its fd may have been reused)."""
-        evs = []
-        while True:
-            try:
-                evs.append(recv_monitor_message(monitor, zmq.NOBLOCK))
-            except zmq.Again:
-                break
+        evs = monitor_events(monitor)
         for i, ev in enumerate(evs):
             fd = ev["value"]
             if ev["event"] == zmq.EVENT_DISCONNECTED:

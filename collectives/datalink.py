@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 import zmq
 
 from collectives import aead, wire
+from collectives.connlimit import disconnects
 from collectives.errors import AuthError, RemoteError, WireError
 
 log = logging.getLogger(__name__)
@@ -254,16 +255,9 @@ class SealedLinks:
 
     def lost(self, monitor: zmq.Socket[Any]) -> Iterator[str]:
         """Peers whose data stream dropped (what was in flight on it is gone)."""
-        from zmq.utils.monitor import recv_monitor_message
-
         peer = self.monitors[monitor]
-        while True:
-            try:
-                ev = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if ev["event"] == zmq.EVENT_DISCONNECTED:
-                yield peer
+        for _ in range(disconnects(monitor)):
+            yield peer
 
     # ------------------------------------------------------------------ teardown
     def _close_streams(self, peer: str) -> None:

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from collectives import memory, wire
-from collectives.connlimit import ConnLimit
+from collectives.connlimit import ConnLimit, disconnects, monitor_events
 from collectives.refusal import RefusalProbes
 from collectives.datalink import SealedLinks
 from collectives.errors import AuthError, RemoteError, WireError
@@ -425,11 +424,7 @@ class Transport:
     def _drain_monitor(self, monitor: zmq.Socket[Any]) -> Iterator[LinkEvent]:
         peer = self._by_monitor[monitor]
         link = self.links[peer]
-        while True:
-            try:
-                ev = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for ev in monitor_events(monitor):
             kind = ev["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 link.handshakes += 1
@@ -457,13 +452,8 @@ class Transport:
     def _drain_data_monitor(self, monitor: zmq.Socket[Any]) -> Iterator[LinkEvent]:
         """A data stream dropped: zmq reconnects, but what was in flight on it is lost."""
         peer = self._data_monitors[monitor]
-        while True:
-            try:
-                ev = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if ev["event"] == zmq.EVENT_DISCONNECTED:
-                yield LinkEvent(peer, "data_lost")
+        for _ in range(disconnects(monitor)):
+            yield LinkEvent(peer, "data_lost")
 
     def close(self) -> None:
         if self.closed:

@@ -59,9 +59,9 @@ from collectives.errors import DeadlineExceeded, LocalError, OpAborted
 from peer.handle import Handle
 from peer.logs import peer_log
 from peer.swarm import Swarm, with_retry
-from peer.train.rounds import admit_then, guarded
+from peer.train.rounds import admit_then, guarded, sync_agreed
 from peer.train.outer import flatten_params, fragment_bounds, load_params, outer_sgd, state_digest, weight_scale
-from recovery.shared_state import NoSource, SharedState, sync
+from recovery.shared_state import SharedState
 from recovery.snapshot import Snapshot
 from recovery.snapshot_writer import Snapshotter, load_outer, outer_specs
 
@@ -331,17 +331,10 @@ class DiLoCo:
         sources). Returns whether this peer's state changed; then its local steps were not made from the
         agreed state, so they are dropped and it contributes nothing this round.
 
-        A peer that never synced must not vote (``receive_only``). In a brand-new swarm nobody holds a state:
-        every member gets ``NoSource`` at the same point and all vote; ties go to the first member in ring
-        order, whose initial weights become the state."""
+        Who votes, and how a brand-new swarm agrees: ``peer.train.rounds.sync_agreed``."""
         before = self.digest
-        self.state.revision = self.revision
-        try:
-            sync(self.swarm.comm, self.state, "enforce_popular" if self.has_state else "receive_only",
-                 timeout=self.op_timeout)
-        except NoSource:
-            sync(self.swarm.comm, self.state, "enforce_popular", timeout=self.op_timeout)
-        self.revision, self.has_state = self.state.revision, True
+        self.revision = sync_agreed(self.swarm, self.state, self.revision, self.has_state, self.op_timeout)
+        self.has_state = True
         self.digest = state_digest(self.theta, self.mom)
         if self.digest == before:
             return False

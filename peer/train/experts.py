@@ -53,12 +53,12 @@ import torch
 
 from collectives.errors import DeadlineExceeded, LocalError, OpAborted, StaleError, TooFewPeers
 from peer.swarm import Swarm, with_retry
-from peer.train.rounds import admit_then, guarded
+from peer.train.rounds import admit_then, guarded, sync_agreed
 from peer.train.experts_layout import ExpertLayout, expert_map
 from peer.train.experts_merge import MergeWarmup, merge_layer
 from peer.train.experts_own import Expert, moved, owned_by, owners, senders
 from peer.train.outer import flatten_params, load_params, outer_sgd, state_digest, weight_scale
-from recovery.shared_state import NoSource, SharedState, sync
+from recovery.shared_state import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -251,13 +251,8 @@ class ExpertSync:
         """As ``DiLoCo._sync_state``: every member holds the agreed (weights, momentum, revision); returns
         whether mine was replaced (then my local steps were not made from it and count for nothing)."""
         before = self.digest
-        self.state.revision = self.revision
-        try:
-            sync(self.swarm.comm, self.state, "enforce_popular" if self.has_state else "receive_only",
-                 timeout=self.op_timeout)
-        except NoSource:
-            sync(self.swarm.comm, self.state, "enforce_popular", timeout=self.op_timeout)
-        self.revision, self.has_state = self.state.revision, True
+        self.revision = sync_agreed(self.swarm, self.state, self.revision, self.has_state, self.op_timeout)
+        self.has_state = True
         self.digest = state_digest(self.theta, self.mom)
         if self.digest == before:
             return False

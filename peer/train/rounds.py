@@ -13,6 +13,7 @@ from collectives.errors import (CoordinatorUnavailable, DeadlineExceeded, OpAbor
                                 TooFewPeers)
 from peer.logs import peer_log
 from peer.swarm import Swarm
+from recovery.shared_state import NoSource, SharedState, sync
 
 
 def admit_then(swarm: Swarm, op_timeout: float, exchange: Callable[[], None]) -> None:
@@ -25,6 +26,21 @@ def admit_then(swarm: Swarm, op_timeout: float, exchange: Callable[[], None]) ->
             raise TooFewPeers(f"{swarm.id} is {swarm.state}", epoch=swarm.epoch, reason="re-forming")
         swarm.update_topology(op_timeout)
     exchange()
+
+
+def sync_agreed(swarm: Swarm, state: SharedState, revision: int, has_state: bool, timeout: float) -> int:
+    """Shared-state sync of a strategy's agreed state (``recovery.shared_state``: hashes first, then only the
+    differing tensors, verified, from several sources); returns the revision every member now holds.
+
+    A peer that never synced must not vote (``receive_only``). In a brand-new swarm nobody holds a state:
+    every member gets ``NoSource`` at the same point and all vote; ties go to the first member in ring
+    order, whose initial state becomes the agreed one."""
+    state.revision = revision
+    try:
+        sync(swarm.comm, state, "enforce_popular" if has_state else "receive_only", timeout=timeout)
+    except NoSource:
+        sync(swarm.comm, state, "enforce_popular", timeout=timeout)
+    return state.revision
 
 
 def guarded(swarm: Swarm, fn: Callable[[], None], *, entry: bool, enter: Callable[[], None],
