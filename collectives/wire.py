@@ -20,7 +20,7 @@ from collectives.wire_ids import check_addr as check_addr, check_group as check_
 from collectives.wire_ids import check_peer_id as check_peer_id, clip as clip
 from collectives.wire_ids import op_key as op_key, parse_op_key as parse_op_key
 
-VERSION = 1
+VERSION = 2  # 2: Stale carries refused_epoch (peers of different versions refuse each other's messages)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_STR = 1024
 MAX_BYTES = 4096
