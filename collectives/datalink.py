@@ -64,6 +64,7 @@ class SealedLinks:
         # address behind a proxy); a wildcard bind means "the host of my advertised address"
         self.host = "" if host in ("0.0.0.0", "::", "*", "") else bracket
         poller.register(self.router, zmq.POLLIN)
+        self.reads_held = False  # ``hold_reads``
         self.sealers: dict[str, aead.Sealer] = {}
         self.openers: collections.OrderedDict[str, collections.OrderedDict[int, aead.Opener]] = \
             collections.OrderedDict()
@@ -194,6 +195,17 @@ class SealedLinks:
         if self.writers.pop(sock, None) is not None:
             self.poller.unregister(sock)
 
+    def hold_reads(self, hold: bool) -> None:
+        """Stop (``hold``) or resume reading the data socket (the driver's rule: ``Node._hold_early_data``).
+        While held, what a peer that runs ahead sends for the next op waits in libzmq's receive queue
+        (RECV_WINDOW frames per connection) and in TCP, which pushes back on the sender's paced sealing,
+        instead of being opened into fresh arrays as early data; once the op runs, it is opened straight
+        into its scratch (``landing``). Nothing is dropped, and the control plane (CURVE) is not affected."""
+        if hold != self.reads_held:
+            self.reads_held = hold
+            self.poller.modify(self.router, 0 if hold else zmq.POLLIN)
+            self.stats["reads_held" if hold else "reads_resumed"] += 1
+
     def drain(self) -> Iterator[tuple[str, Optional[wire.Message], Any, Optional[RemoteError]]]:
         """(sender, message, payload, None) per authentic frame; (sender or "", None, None, error) else."""
         for _ in range(self.max_batch):
@@ -286,5 +298,6 @@ class SealedLinks:
     def close(self) -> None:
         for peer in list(self.socks):
             self._close_streams(peer)
-        self.poller.unregister(self.router)
+        if not self.reads_held:  # held reads are not registered
+            self.poller.unregister(self.router)
         self.router.close(linger=0)

@@ -286,6 +286,12 @@ class Transport:
         c.msgs_sent += 1
         c.per_peer_sent[peer] = c.per_peer_sent.get(peer, 0) + size
 
+    def hold_data(self, hold: bool) -> None:
+        """Secure mode: stop reading sealed tensor data while ``hold`` (``SealedLinks.hold_reads``). In the
+        clear, data shares the control socket and is always read."""
+        if self.sealed is not None:
+            self.sealed.hold_reads(hold)
+
     def poll(self, timeout_ms: int, extra: Any = None) -> tuple[list[Event], bool]:
         """Wait up to ``timeout_ms``; return (events, extra_ready) where extra is a registered fd."""
         if self._local:

@@ -35,7 +35,7 @@ from peer.core.actions import (Action, Admitted, Connect, Data, Drop, Note, Out,
 from peer.core.coordinator import CoordinatorCore
 from peer.core.member import FROM_COORDINATOR, TO_COORDINATOR, MemberCore
 from peer.core.ops import OpEngine, OpSpec
-from peer.core.probes import Probes
+from peer.core.probes import PROBE_GRACE_S, Probes
 from peer.core.states import NodeState
 from peer.handle import Handle
 from peer.logs import peer_log
@@ -52,7 +52,7 @@ class Node:
         self.addr = normalize_addr(cfg.advertise) if cfg.advertise else self.transport.addr
         self.engine = OpEngine(self.id, cfg.slice_bytes, cfg.parity_digest, cfg.max_early_bytes,
                                clock=time.monotonic)
-        if not os.environ.get("NO_LANDING"): self.transport.set_landing(self.engine.landing)
+        self.transport.set_landing(self.engine.landing)
         self.member = MemberCore(self.id, self.addr, self.t, self.engine, time.monotonic(), swarm=cfg.swarm,
                                  member=cfg.member, coordinator=cfg.coordinator,
                                  join=[normalize_addr(a) for a in cfg.join],
@@ -68,6 +68,7 @@ class Node:
         self._thread = threading.Thread(target=self._run, name=f"swarm-{self.id}", daemon=True)
         self.error: Optional[BaseException] = None
         self.probes = Probes(self._send, time.perf_counter)
+        self._epoch_seen, self._epoch_at = -1, 0.0  # ``_hold_early_data``
 
     # the membership client's view, read by Swarm and tests (the I/O thread writes it)
     @property
@@ -145,11 +146,28 @@ class Node:
                 for ev in events:
                     self._on_event(ev, now)
                 self._tick(time.monotonic())
+                self._hold_early_data(time.monotonic())
         except Exception as exc:  # the I/O thread must never die silently (I5)
             self.log.exception("I/O thread crashed")
             self.error = exc
             self._apply(self.engine.fail_all(lambda: LocalError(f"peer I/O thread crashed: {exc!r}")))
             self._wake_waiters(LocalError(f"peer I/O thread crashed: {exc!r}"))
+
+    def _hold_early_data(self, now: float) -> None:
+        """Secure mode: while no op runs here, stop reading the data socket, so that what a peer that runs
+        ahead sends for the next op waits there (TCP pushes back on the sender) instead of being decrypted
+        into fresh arrays (the peak-memory transient of early data); the next op reads it straight into
+        its scratch. Not after a point-to-point op: a pipeline stage wants its next activation to stream
+        in while it computes. Never while a bandwidth probe may be arriving (they are timed here): while
+        one is partly in, and, within ``PROBE_GRACE_S`` of an epoch change, while a member's has not come."""
+        members = self.member.members
+        if self.member.epoch != self._epoch_seen:
+            self._epoch_seen, self._epoch_at = self.member.epoch, now
+            self.probes.keep_heard(members)
+        probing = self.probes.receiving or (now - self._epoch_at < PROBE_GRACE_S and
+                                            self.probes.awaiting(self.id, members))
+        self.transport.hold_data(self.state is NodeState.MEMBER and not self.engine.running and not probing
+                                 and self.engine.last_kind not in ("send", "recv"))
 
     def _note(self, kind: str, detail: str) -> None:
         self.events.append((time.time(), kind, detail))

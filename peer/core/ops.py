@@ -103,6 +103,7 @@ class OpEngine:
         # once, so we stay in step with the others instead of waiting out a deadline on a dead op
         self.early_aborts: collections.OrderedDict[tuple[int, str, int], str] = collections.OrderedDict()
         self.seq: dict[str, int] = {}
+        self.last_kind = ""  # of the last op issued here (the driver's read-holding rule looks at it)
         self.epoch = 0
         self.term = 0
         self.members: list[str] = []
@@ -151,6 +152,11 @@ class OpEngine:
             self._finish(rec, error_factory())
         return self._take()
 
+    @property
+    def running(self) -> bool:
+        """Whether an op here still moves data (the driver reads sealed data only then)."""
+        return any(r.state == "running" for r in self.ops.values())
+
     def awaiting_keys(self) -> list[str]:
         return [wire.op_key(*k) for k, r in self.ops.items()
                 if r.state == "awaiting" or (r.state == "failing" and r.completed)]  # may have committed
@@ -187,6 +193,7 @@ class OpEngine:
                                   f"{len(members)}", epoch=self.epoch, reason="too few peers")
         seq = self.seq.get(gid, 0)
         self.seq[gid] = seq + 1
+        self.last_kind = spec.kind
         key = (self.epoch, gid, seq)
         if key in self.early_aborts:
             reason = self.early_aborts.pop(key)

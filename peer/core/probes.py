@@ -11,6 +11,10 @@ from typing import Any, Callable, Iterable, Optional
 from collectives import wire
 
 PROBE_PARTS, PROBE_PART_BYTES = 8, 64 * 1024  # a 512 KiB probe to every new member
+# Probes go out when an epoch adds members, and are timed by their arrival here: the node does not hold
+# sealed-data reads (``peer.node``) while a probe is arriving, nor, for this long after an epoch change,
+# while a member's probe has not arrived yet (one that never probes us: the wait ends here).
+PROBE_GRACE_S = 2.0
 
 
 class Probes:
@@ -19,6 +23,7 @@ class Probes:
         self._clock = clock  # a fine-grained clock from the driver (perf_counter)
         self.probed: set[str] = set()
         self._rx: dict[str, tuple[float, int, int]] = {}  # sender -> (first arrival, bytes after it, parts)
+        self.heard: set[str] = set()  # senders whose probe reached us whole
         self._filler = bytes(PROBE_PART_BYTES)
 
     def probe_new(self, me: str, epoch: int, members: Iterable[str]) -> None:
@@ -27,6 +32,20 @@ class Probes:
                 self.probed.add(m)
                 for part in range(PROBE_PARTS):
                     self._send(m, wire.BwProbe(epoch, part, PROBE_PARTS), self._filler)
+
+    @property
+    def receiving(self) -> bool:
+        """A probe is partly here (its timing would be wrong if the rest waited in the socket)."""
+        return bool(self._rx)
+
+    def awaiting(self, me: str, members: Iterable[str]) -> bool:
+        """Some member's probe has not reached us whole yet (each member probes a new one once)."""
+        return any(m != me and m not in self.heard for m in members)
+
+    def keep_heard(self, members: Iterable[str]) -> None:
+        """Forget the probes of peers that left the epoch: one that comes back as a new process probes us
+        again."""
+        self.heard &= set(members)
 
     def on_probe(self, sender: str, msg: wire.BwProbe, payload: Any) -> Optional[float]:
         """Returns the measured bytes/s once the last part of a probe from ``sender`` has arrived."""
@@ -39,6 +58,7 @@ class Probes:
             self._rx[sender] = (first, nbytes, seen)
             return None
         self._rx.pop(sender, None)
+        self.heard.add(sender)
         if t > first and nbytes:
             return min(nbytes / (t - first), 9e12)
         return None

@@ -6,7 +6,9 @@ replaying captured frames) writing to a peer's data socket.
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import zmq
 
 from collectives import aead, ring, wire
 from collectives.errors import AuthError
+from peer.swarm import Swarm
 from tests.helpers import InProcess, form_swarm, run_all
 
 pytestmark = pytest.mark.timeout(60)
@@ -174,6 +177,22 @@ def test_sealed_chunks_decrypt_into_the_ops_scratch_and_the_result_is_exact(inpr
         assert sealed is not None and sealed.stats["landed"] > 0 and sealed.stats["refused"] == 0
 
 
+def _while_reading(victim: Swarm, others: list[Swarm], during: Callable[[], None]) -> list[np.ndarray]:
+    """A peer reads its data socket only while an op runs there (``Node._hold_early_data``): start the
+    victim's part of an all-reduce, run ``during()`` while it waits for the others, then let them take
+    part. Returns the buffers (all 3.0 when the op committed)."""
+    bufs = {p.id: np.full(1000, float(i + 1), np.float32) for i, p in enumerate([*others, victim])}
+    t = threading.Thread(target=lambda: victim.comm.all_reduce(bufs[victim.id], timeout=30), daemon=True)
+    t.start()
+    try:
+        assert _wait(lambda: victim.node.engine.running), "the victim's op never started"
+        during()
+    finally:
+        run_all([lambda p=p: p.comm.all_reduce(bufs[p.id], timeout=30) for p in others])
+        t.join(30)
+    return list(bufs.values())
+
+
 def test_strangers_and_replays_on_the_data_socket_are_refused(inproc: InProcess) -> None:
     """A stranger connecting to the (plain) data socket, claiming a member's id, and a replay of a real
     frame: refused, reported with an untrusted sender (nobody evicted), and the swarm keeps working."""
@@ -186,7 +205,7 @@ def test_strangers_and_replays_on_the_data_socket_are_refused(inproc: InProcess)
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.IDENTITY, f"{peers[0].id}/cafe".encode())
-    try:
+    def attack() -> None:
         s.connect(f"{host}:{sealed.port}")
         forged_key, _ = pair(peers[0].id, victim.id)
         assert _wait(lambda: peers[0].id in sealed.openers), "the member's key offer never arrived"
@@ -198,10 +217,11 @@ def test_strangers_and_replays_on_the_data_socket_are_refused(inproc: InProcess)
         s.send_multipart([b"x" * 16, b"y", b"z"])          # garbage
         s.send_multipart([b"only one part"])
         assert _wait(lambda: sealed.stats["refused"] >= 3)
+
+    try:
+        bufs = _while_reading(victim, [peers[0]], attack)
     finally:
         s.close(linger=0)
-    bufs = [np.full(1000, float(i + 1), np.float32) for i in range(2)]
-    run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
     assert all(np.all(b == 3.0) for b in bufs)
     assert set(victim.members) == {p.id for p in peers}, "a stranger's bytes must not evict anyone"
 
@@ -227,14 +247,18 @@ def test_a_captured_frame_replayed_is_refused(inproc: InProcess, monkeypatch: py
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.IDENTITY, f"{sender.id}/beef".encode())
-    try:
+    def replay() -> None:
         s.connect(f"{victim.node.transport.addr.rsplit(':', 1)[0]}:{sealed.port}")
         for parts in captured:  # every frame either peer sealed: none opens again at the victim
             s.send_multipart(parts)
         assert _wait(lambda: sealed.stats["refused"] >= refused + len(captured))
+
+    try:
+        after = _while_reading(victim, [sender], replay)
     finally:
         s.close(linger=0)
     assert ring.digest(bufs[0]) == ring.digest(bufs[1])
+    assert all(np.all(b == 3.0) for b in after)
 
 
 def test_sealing_is_paced_by_the_stream_and_every_frame_arrives_in_order() -> None:
@@ -277,3 +301,70 @@ def test_sealing_is_paced_by_the_stream_and_every_frame_arrives_in_order() -> No
         tx.close()
         rx.close()
         ctx.term()
+
+
+def test_data_for_an_op_not_started_here_waits_in_the_socket_then_lands_in_its_scratch(inproc: InProcess) -> None:
+    """p0 starts a 32 MiB all-reduce long before p1 does (its first chunk: 256 frames of 64 KiB for p1). While
+    no op runs there, p1 does not read its data socket: p0's frames wait there and TCP pushes back on p0,
+    instead of p1 decrypting the chunk into fresh arrays as early data. When p1 starts, the frames open
+    straight into its scratch and the result is exact."""
+    from peer.core.probes import PROBE_GRACE_S
+
+    _, peers = form_swarm(inproc, 2, slice_bytes=64 * 1024)
+    p0, p1 = peers
+    sealed = p1.node.transport.sealed
+    assert sealed is not None
+    # bandwidth probes are timed on arrival: no holding near an epoch change, nor while one is coming in
+    assert _wait(lambda: time.monotonic() - p1.node._epoch_at >= PROBE_GRACE_S and not p1.node.probes.receiving)
+    n = 8 << 20  # more than loopback's socket buffers hold
+    bufs = [np.full(n, float(i + 1), np.float32) for i in range(2)]
+    chunk_bytes = n // 2 * 4
+    landed0 = sealed.stats["landed"]
+    t = threading.Thread(target=lambda: p0.comm.all_reduce(bufs[0], timeout=30), daemon=True)
+    t.start()
+    try:
+        assert _wait(lambda: sealed.reads_held), "p1 went on reading data for an op it has not started"
+        early = p1.node.engine.early_bytes
+        assert early < chunk_bytes // 2, early
+        assert _wait(lambda: bool(p0.node.transport.sealed and p0.node.transport.sealed.queued.get(p1.id))), \
+            "p0's frames should wait unsealed (TCP pushed back)"
+        p1.comm.all_reduce(bufs[1], timeout=30)
+    finally:
+        t.join(30)
+    assert all(np.all(b == 3.0) for b in bufs)
+    assert p1.node.engine.early_bytes == 0
+    frames = 2 * chunk_bytes // (64 * 1024)  # reduce-scatter and all-gather
+    assert sealed.stats["landed"] - landed0 >= frames - early // (64 * 1024), "the rest opened into scratch"
+
+
+def test_data_reads_are_not_held_while_a_bandwidth_probe_may_be_arriving(inproc: InProcess) -> None:
+    """Bandwidth probes are timed by their arrival: an idle peer holds its data reads only once every
+    member's probe is in (or the grace after the epoch change is over), and never while one is partly in."""
+    from peer.core.probes import PROBE_GRACE_S
+
+    _, peers = form_swarm(inproc, 2, slice_bytes=64 * 1024)
+    p1 = peers[1].node
+    sealed = p1.transport.sealed
+    assert sealed is not None
+    assert _wait(lambda: sealed.reads_held), "an idle member holds its data reads"
+    assert peers[0].id in p1.probes.heard or time.monotonic() - p1._epoch_at >= PROBE_GRACE_S
+    p1.call(lambda: p1.probes._rx.update({peers[0].id: (time.perf_counter(), 0, 1)}))  # a probe under way
+    assert _wait(lambda: not sealed.reads_held), "reads held while a probe was arriving"
+    p1.call(lambda: p1.probes._rx.clear())
+    assert _wait(lambda: sealed.reads_held)
+
+
+def test_after_a_point_to_point_op_an_idle_peer_keeps_reading(inproc: InProcess) -> None:
+    """A pipeline stage computes between its sends and receives: the next activation should stream in
+    meanwhile, so an idle peer holds its data reads after a collective, but not after send/recv."""
+    _, peers = form_swarm(inproc, 2, slice_bytes=64 * 1024)
+    p0, p1 = peers
+    sealed = p1.node.transport.sealed
+    assert sealed is not None
+    bufs = [np.full(1000, float(i + 1), np.float32) for i in range(2)]
+    run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
+    assert _wait(lambda: sealed.reads_held)
+    x, y = np.arange(1000, dtype=np.float32), np.zeros(1000, np.float32)
+    run_all([lambda: p0.comm.send(x, p1.id, timeout=30), lambda: p1.comm.recv(y, p0.id, timeout=30)])
+    assert np.array_equal(x, y)
+    assert _wait(lambda: not sealed.reads_held), "reads held after a point-to-point op"
