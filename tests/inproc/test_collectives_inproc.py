@@ -178,8 +178,8 @@ def test_embedded_coordinator_dies_and_survivors_reform(inproc: InProcess) -> No
     boot = Swarm.bootstrap(peer_id="boot", timeouts=FAST)
     inproc.swarms.append(boot)
     b = inproc.peer("b", [boot.addr.removeprefix("tcp://")])
+    b.wait_admitted(10)  # before c starts: a c that joined first would be the one admitted at once
     c = inproc.peer("c", [boot.addr.removeprefix("tcp://")])
-    b.wait_admitted(10)
     deadline = time.monotonic() + 10
     while c.state != "pending":
         assert time.monotonic() < deadline
