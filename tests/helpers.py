@@ -125,7 +125,11 @@ def form_swarm(inproc: InProcess, n: int, **kw: Any) -> tuple[Swarm, list[Swarm]
     while any(len(p.members) < n or p.state != "member" for p in peers):
         assert time.monotonic() < deadline, [p.state for p in peers]
         members = [p for p in peers if p.state == "member"]
-        if len(members) >= 2 and coord.node.coord is not None and coord.node.coord.pending:
+        core = coord.node.coord
+        # Vote only once every member of the coordinator's epoch knows it is one: a vote without a member
+        # whose EpochUpdate is still in flight waits for that member's vote (update_topology's deadline).
+        if len(members) >= 2 and core is not None and core.pending and \
+                set(list(core.members)) <= {p.id for p in members}:
             run_all([p.update_topology for p in members])
         else:
             time.sleep(0.05)
