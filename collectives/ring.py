@@ -9,10 +9,12 @@ ends the reduce-scatter owning chunk ``(r+1) % N``; the owner finishes it (``avg
 all-gather forwards those exact bytes unchanged, so every member ends with bit-identical results (I1).
 
 Memory discipline: a buffer handed out in a ``Send`` is never written again by this op (sends are
-zero-copy), and the caller's buffers are only read until the commit. An all-reduce sums into one op-sized
-scratch buffer (each of its slices written once, by one fused ``reduce_into``) and keeps the all-gather
-frames by reference; ``write_into`` copies the result into the caller's tensor once, at commit. An abort
-is "drop the references" (I2 needs no backup copy).
+zero-copy), and the caller's buffers are only read until the commit. When the driver says it owns every
+payload it hands over (``owns_payloads``: each is a received frame nobody else references), an all-reduce
+sums each reduce-scatter slice into the frame it arrived in and keeps every frame by reference, so it needs
+no scratch at all; otherwise it sums into one op-sized scratch buffer (each of its slices written once, by
+one fused ``reduce_into``). ``write_into`` copies the result into the caller's tensor once, at commit. An
+abort is "drop the references" (I2 needs no backup copy).
 
 Parity digest: each finished slice gets a ``tensors.slice_checksum`` right after the driver has sent what
 that step produced (``flush``), while its bytes are still warm in cache.
@@ -80,6 +82,9 @@ class RingOp:
         self._to_check: list[tuple[int, Any]] = []
         self.alloc: Any = np.empty  # scratch allocator (the driver passes a pool)
         self.checksum = True        # checksum each slice as it lands (for ``digest``); off when nobody asks
+        # The driver's promise that every payload it hands to ``on_chunk`` is a buffer of this op's own
+        # (a received frame, a freshly opened sealed frame, a landing slice): nobody else reads or writes it.
+        self.owns_payloads = False
         self.allocated: list[np.ndarray] = []
 
     def _scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
@@ -175,11 +180,13 @@ class AllReduce(RingOp):
     """Ring all-reduce of ``src``; ``write_into(out)`` puts the result in ``out`` (which may be ``src``
     itself) at commit, and nothing writes the caller's buffers before that.
 
-    Partial sums go into ``acc`` (op-sized scratch): the reduce-scatter slice of a chunk is written once,
-    by ``reduce_into(acc, src, incoming)``, then sent zero-copy and never written again. The owner of a
-    chunk finishes it in ``acc`` (``avg`` divides there); the all-gather frames that arrive are kept as
-    they are (zero-copy views of the received frames) and forwarded unchanged. ``held`` maps each slice of
-    the result to the array that holds its final bytes.
+    A reduce-scatter partial sum is written once, by ``reduce_into(out, src, incoming)``, then sent
+    zero-copy and never written again. ``out`` is the received buffer itself when the driver owns the
+    payloads (``owns_payloads``, uncompressed): one pass over bytes still warm from the socket, and no
+    scratch. Otherwise it is a slice of ``acc``, op-sized scratch made on first use. The owner of a chunk
+    finishes it there (``avg`` divides there); the all-gather frames that arrive are kept as they are
+    (zero-copy views of the received frames) and forwarded unchanged. ``held`` maps each slice of the
+    result to the array that holds its final bytes.
     """
 
     def __init__(self, op: OpId, ring: list[str], me: str, src: np.ndarray, dtype: str, reduce_op: str,
@@ -192,7 +199,8 @@ class AllReduce(RingOp):
         self.codec = codec
         self.src, self.reduce_op = src, reduce_op
         self.out = out  # where the caller wants the result (``write_into`` at commit); may be ``src``
-        self.acc: np.ndarray | None = None
+        self.acc: np.ndarray | None = None  # scratch, made on first use (``_scratch_slice``)
+        self.started = False
         self.landed: set[tuple[int, int, int]] = set()  # chunks whose bytes ``landing`` placed in ``acc``
         self.held: dict[int, tuple[int, np.ndarray]] = {}  # slice start -> (stop, final values)
         self._result: np.ndarray | None = None
@@ -234,7 +242,7 @@ class AllReduce(RingOp):
     def start(self) -> list[Send]:
         if self.n == 1:
             return []
-        self.acc = self._scratch(self.src.size, self.src.dtype)
+        self.started = True
         own = self.rank
         return [self._send(self.right, PHASE_REDUCE_SCATTER, 0, k, self._enc(self.src[lo:hi]), hi - lo)
                 for k, (lo, hi) in enumerate(self.parts[own])]
@@ -249,6 +257,19 @@ class AllReduce(RingOp):
 
     def _dec(self, payload: np.ndarray, n: int) -> np.ndarray:
         return payload if self.codec is None else self.codec.decode(payload, n)
+
+    def _scratch_slice(self, lo: int, hi: int) -> np.ndarray:
+        if self.acc is None:
+            self.acc = self._scratch(self.src.size, self.src.dtype)
+        return self.acc[lo:hi]
+
+    def _partial(self, lo: int, hi: int, incoming: np.ndarray) -> np.ndarray:
+        """Where the partial sum of reduce-scatter slice [lo, hi) is written: into the buffer it arrived in
+        when that buffer is ours (``owns_payloads``; a landed slice of ``acc`` is one too), else into
+        ``acc``. A compressed chunk arrives as codes of another dtype: its sum goes to ``acc``."""
+        if self.owns_payloads and self.codec is None and incoming.flags.writeable:
+            return incoming
+        return self._scratch_slice(lo, hi)
 
     def _hold(self, lo: int, hi: int, values: np.ndarray) -> None:
         self.held[lo] = (hi, values)
@@ -267,7 +288,7 @@ class AllReduce(RingOp):
         is held (the owner's chunk never arrives in either phase), and a chunk ``on_chunk`` would refuse
         gets None."""
         key = (msg.phase, msg.step, msg.part)
-        if self.acc is None or self.codec is not None or key in self.landed or \
+        if not self.started or self.codec is not None or key in self.landed or \
                 msg.phase not in (PHASE_REDUCE_SCATTER, PHASE_ALL_GATHER):
             return None
         chunk = self._rs_chunk if msg.phase == PHASE_REDUCE_SCATTER else self._ag_chunk
@@ -277,18 +298,18 @@ class AllReduce(RingOp):
         except ProtocolError:
             return None  # refused later by on_chunk, from a fresh buffer
         self.landed.add(key)
-        return self.acc[lo:hi]
+        return self._scratch_slice(lo, hi)
 
     def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
         last = self.n - 2
-        if self.acc is None:
+        if not self.started:
             raise ProtocolError("chunk before the op started")
         if msg.phase == PHASE_REDUCE_SCATTER:
             c = self._rs_chunk(msg.step) if msg.step <= last else -1
             incoming = self._accept(sender, msg, payload, self.left, PHASE_REDUCE_SCATTER, self.n - 1,
                                     self.parts[c])
             lo, hi = self.parts[c][msg.part]
-            acc = self.acc[lo:hi]
+            acc = self._partial(lo, hi, incoming)
             tensors.reduce_into(acc, self.src[lo:hi], self._dec(incoming, hi - lo), self.reduce_op, self.dtype)
             if msg.step < last:
                 return [self._send(self.right, PHASE_REDUCE_SCATTER, msg.step + 1, msg.part, self._enc(acc),
@@ -304,26 +325,10 @@ class AllReduce(RingOp):
         incoming = self._accept(sender, msg, payload, self.left, PHASE_ALL_GATHER, self.n - 1, self.parts[c])
         lo, hi = self.parts[c][msg.part]
         values = self._dec(incoming, hi - lo)
-        if self._reuse_partial(msg):
-            # This range held our partial sum of it (reduce-scatter step - 1), which our right neighbour
-            # has received by now: the chunk's owner could only finish it after that. Copy the final
-            # bytes there and let the frame go (peak memory: N-2 of N chunks are not held twice).
-            values = self.acc[lo:hi]
-            np.copyto(values, incoming)
-            payload = values
         self._hold(lo, hi, values)
         if msg.step < last:
             return [self._send(self.right, PHASE_ALL_GATHER, msg.step + 1, msg.part, payload, hi - lo)]
         return []
-
-    def _reuse_partial(self, msg: Chunk) -> bool:
-        """Whether an all-gather slice (already accepted) goes into ``acc`` where our reduce-scatter
-        partial sum of the same range was: in the clear (a landed slice is there already), uncompressed,
-        from step 1 on (step 0's range is our own chunk, which we sent from ``src``), and only once that
-        partial sum has been computed and sent (a chunk that arrives before it stays a held frame)."""
-        landed = (msg.phase, msg.step, msg.part) in self.landed
-        return (self.codec is None and msg.step >= 1 and not landed and
-                (PHASE_REDUCE_SCATTER, msg.step - 1, msg.part) in self.seen)
 
 
 class AllGather(RingOp):

@@ -115,6 +115,11 @@ class Counters:
 
 
 class Transport:
+    # Every payload this transport delivers is a buffer of its own that nobody else references: a zmq frame
+    # received over TCP (libzmq allocates one per message), a sealed frame opened into a fresh array or into
+    # the landing its op named, a private copy of a message to ourselves. Its receiver may write into it.
+    private_payloads = True
+
     def __init__(self, my_id: str, host: str = "127.0.0.1", port: int = 0, *,
                  security: Security | None = None, limits: Limits | None = None) -> None:
         self.my_id = wire.check_peer_id(my_id)
@@ -263,8 +268,8 @@ class Transport:
 
     def send(self, peer: str, msg: wire.Message, payload: Any = None) -> None:
         header = wire.encode(msg)
-        if peer == self.my_id:
-            frame = None if payload is None else zmq.Frame(bytes(memoryview(payload).cast("B")))
+        if peer == self.my_id:  # a private copy, as every received payload is (``private_payloads``)
+            frame = None if payload is None else zmq.Frame(bytearray(memoryview(payload).cast("B")))
             self._local.append(Received(self.my_id, msg, frame))
             return
         link = self.links.get(peer)

@@ -51,7 +51,7 @@ class Node:
                                    security=cfg.security.build(cfg.peer_id))
         self.addr = normalize_addr(cfg.advertise) if cfg.advertise else self.transport.addr
         self.engine = OpEngine(self.id, cfg.slice_bytes, cfg.parity_digest, cfg.max_early_bytes,
-                               clock=time.monotonic)
+                               clock=time.monotonic, owns_payloads=self.transport.private_payloads)
         self.transport.set_landing(self.engine.landing)
         self.member = MemberCore(self.id, self.addr, self.t, self.engine, time.monotonic(), swarm=cfg.swarm,
                                  member=cfg.member, coordinator=cfg.coordinator,

@@ -88,8 +88,11 @@ class BufferPool:
 
 class OpEngine:
     def __init__(self, me: str, slice_bytes: int, parity_digest: bool, max_early_bytes: int,
-                 clock: Optional[Callable[[], float]] = None) -> None:
+                 clock: Optional[Callable[[], float]] = None, owns_payloads: bool = False) -> None:
         self.me = me
+        # The driver's promise that every chunk payload it hands over is a buffer nobody else references
+        # (``Transport.private_payloads``): an all-reduce then sums into it in place (``ring.RingOp``).
+        self.owns_payloads = owns_payloads
         self._clock = clock  # the driver's clock, read only for metrics (None: the op's last progress time)
         self.slice_bytes = slice_bytes
         self.parity_digest = parity_digest
@@ -224,6 +227,7 @@ class OpEngine:
         if core is not None:
             core.alloc = self.pool.take
             core.checksum = self.parity_digest
+            core.owns_payloads = self.owns_payloads
             for s in core.start():
                 self._send(s.to, s.msg, s.payload)
             self._unflushed.append(core)

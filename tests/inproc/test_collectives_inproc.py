@@ -11,6 +11,7 @@ import torch
 from collectives import ring, tensors, wire
 from collectives.errors import LocalError, OpAborted, OpTimeout, StaleError, TooFewPeers
 from peer import Swarm, Timeouts, with_retry
+from peer.config import SecurityConfig
 from tests.helpers import FAST, InProcess, form_swarm, run_all
 
 pytestmark = pytest.mark.timeout(90)
@@ -57,6 +58,30 @@ def test_numpy_arrays_and_large_multi_slice_buffers(inproc: InProcess) -> None:
     run_all([lambda p=p, b=b: p.comm.all_reduce(b, timeout=30) for p, b in zip(peers, bufs)])
     assert len({ring.digest(b) for b in bufs}) == 1
     np.testing.assert_allclose(bufs[0], np.sum(inputs, axis=0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_in_the_clear_chunks_are_summed_in_their_frames_and_every_result_is_exact(inproc: InProcess,
+                                                                                   n: int) -> None:
+    """In the clear the ring sums each reduce-scatter slice into the zmq frame it arrived in and holds the
+    frames to the commit (``Transport.private_payloads``): no scratch is ever taken from the pool, the
+    caller's buffer changes only at the commit, and the results are bit-identical and exact over several
+    ops, for every reduce op."""
+    peers = form(inproc, n, slice_bytes=16 * 1024, security=SecurityConfig(insecure=True))
+    assert all(p.node.transport.sealed is None and p.node.engine.owns_payloads for p in peers)
+    rng = np.random.default_rng(5)
+    for op in ("sum", "avg", "min", "max"):
+        for dtype in (np.float32, np.int64):
+            inputs = [(rng.standard_normal(100_003) * 100).astype(dtype) for _ in peers]
+            bufs = [x.copy() for x in inputs]
+            run_all([lambda p=p, b=b: p.comm.all_reduce(b, op=op, timeout=30) for p, b in zip(peers, bufs)])
+            assert len({ring.digest(b) for b in bufs}) == 1, f"{op}: results differ between peers"
+            ref = tensors.reference_reduce(inputs, op, np.dtype(dtype).name)
+            if dtype == np.int64 or op in ("min", "max"):
+                np.testing.assert_array_equal(bufs[0], ref)
+            else:
+                np.testing.assert_allclose(bufs[0], ref, rtol=1e-5, atol=1e-3)
+    assert all(not p.node.engine.pool.free and p.node.engine.pool.bytes == 0 for p in peers)
 
 
 def test_broadcast_all_gather_barrier_send_recv_and_subgroup(inproc: InProcess) -> None:

@@ -48,14 +48,18 @@ class Net:
     """Routes ``Send`` actions between op objects: FIFO per (sender, receiver) link, links interleaved at random.
 
     ``lazy``: keep the payload object as handed out (zero-copy, as zmq does) and only turn it into bytes at
-    delivery, so a buffer the op writes again before delivery would be caught. Every header goes through
-    ``wire.encode``/``wire.decode`` on the way.
+    delivery, so a buffer the op writes again before delivery would be caught. ``private``: deliver each
+    payload as a writable copy of its own and tell the ops they own it (``owns_payloads``, what a zmq
+    transport does). Every header goes through ``wire.encode``/``wire.decode`` on the way.
     """
 
     def __init__(self, ops: dict[str, Any], seed: Optional[int] = 0, lazy: bool = False,
-                 land: bool = False) -> None:
+                 land: bool = False, private: bool = False) -> None:
         self.ops = ops
         self.land = land  # deliver into ``op.landing`` buffers where offered (as the sealed transport does)
+        self.private = private
+        for op in ops.values():
+            op.owns_payloads = private
         self.landed = 0
         self.rng = random.Random(seed) if seed is not None else None
         self.lazy = lazy
@@ -92,7 +96,8 @@ class Net:
             if dest is not None:
                 memoryview(dest).cast("B")[:] = data
                 self.landed += 1
-            out = op.on_chunk(sender, msg, data if dest is None else dest)
+            payload = dest if dest is not None else bytearray(data) if self.private else data
+            out = op.on_chunk(sender, msg, payload)
             op.flush()  # the driver writes finished slices after sending (ring.RingOp.flush)
             self.delivered += 1
             assert self.delivered <= max_messages
@@ -143,7 +148,8 @@ def assert_matches_reference(got: np.ndarray, inputs: list[np.ndarray], op: str,
 
 
 def run_allreduce(inputs: list[np.ndarray], dtype: str, op: str, slice_bytes: int, *, seed: Optional[int] = 0,
-                  inplace: bool = False, lazy: bool = False, out: bool = False) -> dict[str, AllReduce]:
+                  inplace: bool = False, lazy: bool = False, out: bool = False,
+                  private: bool = False) -> dict[str, AllReduce]:
     names = members(len(inputs))
     srcs = [x.copy() for x in inputs]
     ops: dict[str, AllReduce] = {}
@@ -154,7 +160,9 @@ def run_allreduce(inputs: list[np.ndarray], dtype: str, op: str, slice_bytes: in
             ops[name] = AllReduce(OP, names, name, src, dtype, op, slice_bytes, out=np.full_like(src, 77))
         else:
             ops[name] = AllReduce(OP, names, name, src, dtype, op, slice_bytes)
-    Net(ops, seed=seed, lazy=lazy).run()
+    Net(ops, seed=seed, lazy=lazy, private=private).run()
+    if private:  # each partial sum went into the frame it arrived in: no scratch at all
+        assert all(o.acc is None and not o.allocated for o in ops.values())
     for name, src, orig in zip(names, srcs, inputs):
         # in place too: nothing touches the caller's buffer before the commit (``write_into``), so an
         # aborted op leaves it exactly as it was (I2)
@@ -207,6 +215,10 @@ def test_allreduce_matches_reference(n: int, size: int, dtype: str) -> None:
         # a separate out buffer too
         outb = run_allreduce(inputs, dtype, op, sb, seed=None, out=True)
         assert digests(outb) == digests(ops)
+        # summed into the received frames themselves (a transport's own buffers), in place: the same bits
+        private = run_allreduce(inputs, dtype, op, sb, seed=size + n + 2, inplace=True, private=True)
+        assert digests(private) == digests(ops)
+        assert all(np.array_equal(bits(p.result), bits(o.result)) for p, o in zip(private.values(), ops.values()))
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
@@ -221,6 +233,7 @@ def test_allreduce_delivery_order_does_not_change_bits(n: int, dtype: str) -> No
         for seed in range(4):
             assert digests(run_allreduce(inputs, dtype, op, 13 * itemsize, seed=seed)) == ref
             assert digests(run_allreduce(inputs, dtype, op, 13 * itemsize, seed=seed, inplace=True)) == ref
+            assert digests(run_allreduce(inputs, dtype, op, 13 * itemsize, seed=seed, private=True)) == ref
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])
@@ -235,6 +248,8 @@ def test_allreduce_in_place_with_zero_copy_sends(n: int, dtype: str) -> None:
         for seed in range(3):
             assert digests(run_allreduce(inputs, dtype, op, sb, seed=seed, inplace=True, lazy=True)) == ref
             assert digests(run_allreduce(inputs, dtype, op, sb, seed=seed, lazy=True)) == ref
+            assert digests(run_allreduce(inputs, dtype, op, sb, seed=seed, inplace=True, lazy=True,
+                                         private=True)) == ref
 
 
 LAND_CASES = [(n, dtype, op) for n in (2, 3, 5) for dtype in DTYPES for op in ("sum", "avg", "max")]
@@ -257,6 +272,36 @@ def test_allreduce_with_chunks_landing_in_its_scratch(n: int, dtype: str, op: st
         assert np.array_equal(bits(ops[name].result), bits(plain[name].result))
     assert len(digests(ops)) == 1 and digests(ops) == digests(plain)
     assert_matches_reference(ops[names[0]].result, inputs, op, dtype)
+
+
+def test_a_payload_it_owns_is_summed_in_place_and_sent_on_and_a_read_only_one_is_not() -> None:
+    """With ``owns_payloads`` a reduce-scatter slice is summed into the buffer it arrived in, and that very
+    buffer is what goes on to the right neighbour (one pass, no scratch); a payload that is not writable
+    is summed into scratch instead, with the same bits."""
+    names = members(3)
+    rng = np.random.default_rng(7)
+    inputs = make_inputs(rng, "float32", 3, 300)
+    sends: dict[str, list[Send]] = {}
+    ops = {}
+    for name, x in zip(names, inputs):
+        ops[name] = AllReduce(OP, names, name, x.copy(), "float32", "sum", 4 * 40)
+        ops[name].owns_payloads = True
+        sends[name] = ops[name].start()
+    first = sends[names[0]][0]  # peer-0 -> peer-1, reduce-scatter step 0
+    frame = bytearray(to_bytes(first.payload))
+    out = ops[names[1]].on_chunk(names[0], first.msg, frame)
+    assert len(out) == 1 and out[0].msg.step == 1
+    assert np.shares_memory(out[0].payload, np.frombuffer(frame, np.float32)), "summed in the frame itself"
+    assert ops[names[1]].acc is None
+    lo, hi = ops[names[1]].parts[ops[names[1]]._rs_chunk(0)][first.msg.part]
+    assert np.array_equal(np.frombuffer(frame, np.float32), inputs[1][lo:hi] + inputs[0][lo:hi])
+    # the same chunk as read-only bytes: scratch, same bits
+    other = AllReduce(OP, names, names[1], inputs[1].copy(), "float32", "sum", 4 * 40)
+    other.owns_payloads = True
+    other.start()
+    out2 = other.on_chunk(names[0], first.msg, to_bytes(first.payload))
+    assert other.acc is not None and np.shares_memory(out2[0].payload, other.acc)
+    assert np.array_equal(bits(out2[0].payload), bits(out[0].payload))
 
 
 def test_landing_refuses_what_on_chunk_would_refuse() -> None:
