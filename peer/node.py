@@ -61,6 +61,7 @@ class Node:
         self.topology_waiters: list[Handle] = []
         self.events: list[tuple[float, str, str]] = []  # (wall time, kind, detail): membership history
         self._cmds: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.Queue()
+        self._cmds_lock = threading.Lock()  # ``call`` against the crash handler's drain (``_refuse_commands``)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.transport.poller.register(self._wake_r, zmq.POLLIN)
@@ -107,8 +108,14 @@ class Node:
         return self
 
     def call(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the I/O thread."""
-        self._cmds.put((fn, args))
+        """Run ``fn(*args)`` on the I/O thread. Once that thread has crashed, nothing runs: every handle in
+        ``args`` fails at once with the crash, instead of waiting out its deadline."""
+        with self._cmds_lock:
+            if self.error is None:
+                self._cmds.put((fn, args))
+        if self.error is not None:
+            _fail_handles(args, self.error)
+            return
         try:
             os.write(self._wake_w, b"x")
         except OSError:  # pipe closed during shutdown
@@ -149,9 +156,16 @@ class Node:
                 self._hold_early_data(time.monotonic())
         except Exception as exc:  # the I/O thread must never die silently (I5)
             self.log.exception("I/O thread crashed")
-            self.error = exc
+            with self._cmds_lock:
+                self.error = exc
             self._apply(self.engine.fail_all(lambda: LocalError(f"peer I/O thread crashed: {exc!r}")))
             self._wake_waiters(LocalError(f"peer I/O thread crashed: {exc!r}"))
+            while True:  # commands queued before the crash will never run
+                try:
+                    _, args = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                _fail_handles(args, exc)
 
     def _hold_early_data(self, now: float) -> None:
         """Secure mode: while no op runs here, stop reading the data socket, so that what a peer that runs
@@ -312,3 +326,9 @@ class Node:
     def submit_leave(self, handle: Handle) -> None:
         self._apply(self.member.leave())
         handle.resolve(None)
+
+
+def _fail_handles(args: tuple[Any, ...], crash: BaseException) -> None:
+    for arg in args:
+        if isinstance(arg, Handle):
+            arg.fail(LocalError(f"peer I/O thread crashed: {crash!r}"))

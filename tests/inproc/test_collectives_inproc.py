@@ -152,6 +152,26 @@ def test_dead_member_aborts_op_restores_buffers_and_retry_succeeds(inproc: InPro
     assert all(len(p.members) == 3 for p in survivors)
 
 
+def test_after_the_io_thread_crashes_every_call_fails_at_once(inproc: InProcess) -> None:
+    """A crashed I/O thread runs no more commands: an op queued before the crash and one submitted after it
+    both fail with the crash (LocalError) at once, not at their 60 s deadlines."""
+    a, _ = form(inproc, 2)
+
+    def crash_soon() -> None:
+        time.sleep(0.3)  # the op below is queued behind this command
+        raise RuntimeError("injected I/O thread fault")
+
+    a.node.call(crash_soon)
+    t0 = time.monotonic()
+    queued = a.comm.all_reduce_async(np.ones(1000, np.float32))
+    with pytest.raises(LocalError, match="crashed"):
+        queued.wait(60)
+    with pytest.raises(LocalError, match="crashed"):
+        a.comm.all_reduce(np.ones(1000, np.float32), timeout=60)
+    assert time.monotonic() - t0 < 30, "the calls waited for their deadlines"
+    assert isinstance(a.node.error, RuntimeError) and not a.node._thread.is_alive()
+
+
 def test_too_few_peers(inproc: InProcess) -> None:
     [p] = form(inproc, 1)
     with pytest.raises(TooFewPeers):
