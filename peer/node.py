@@ -61,7 +61,7 @@ class Node:
         self.topology_waiters: list[Handle] = []
         self.events: list[tuple[float, str, str]] = []  # (wall time, kind, detail): membership history
         self._cmds: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.Queue()
-        self._cmds_lock = threading.Lock()  # ``call`` against the crash handler's drain (``_refuse_commands``)
+        self._cmds_lock = threading.Lock()  # ``call`` against the crash handler's drain of ``_cmds``
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.transport.poller.register(self._wake_r, zmq.POLLIN)
@@ -158,8 +158,8 @@ class Node:
             self.log.exception("I/O thread crashed")
             with self._cmds_lock:
                 self.error = exc
-            self._apply(self.engine.fail_all(lambda: LocalError(f"peer I/O thread crashed: {exc!r}")))
-            self._wake_waiters(LocalError(f"peer I/O thread crashed: {exc!r}"))
+            self._apply(self.engine.fail_all(lambda: _crashed(exc)))
+            self._wake_waiters(_crashed(exc))
             while True:  # commands queued before the crash will never run
                 try:
                     _, args = self._cmds.get_nowait()
@@ -328,7 +328,11 @@ class Node:
         handle.resolve(None)
 
 
+def _crashed(exc: BaseException) -> LocalError:
+    return LocalError(f"peer I/O thread crashed: {exc!r}")
+
+
 def _fail_handles(args: tuple[Any, ...], crash: BaseException) -> None:
     for arg in args:
         if isinstance(arg, Handle):
-            arg.fail(LocalError(f"peer I/O thread crashed: {crash!r}"))
+            arg.fail(_crashed(crash))
