@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "none"],
                    default="allreduce",
                    help="allreduce: repeated all-reduces surviving churn; bench: wait for --expect "
-                        "peers, then time --ops all-reduces; train: DiLoCo on --task (with snapshots and "
+                        "peers, then time --ops all-reduces (a signal leaves at once); train: DiLoCo on --task (with snapshots and "
                         "--resume); none: only keep membership")
     p.add_argument("--expect", type=int, default=2, help="bench/catchup: number of peers to wait for")
     p.add_argument("--state-mb", type=float, default=100, help="catchup: shared state size in MiB")
@@ -312,6 +312,30 @@ def _wait_for_signal(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT during a workload that has no step boundary to stop at (``_interrupt_on_signal``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _interrupt_on_signal() -> None:
+    """SIGTERM and SIGINT raise ``Interrupted`` in the main thread, out of whatever call it waits in.
+
+    For the bench and catch-up workloads: they time a few long calls (an op's deadline is 300 s), and
+    there is no training state to keep, so they leave at once instead of at their next boundary; the
+    ``finally`` of ``cmd_peer`` still leaves the swarm (``Swarm.close``); a second signal while it does
+    ends the process. The training and all-reduce workloads keep ``_wait_for_signal``: they stop between
+    steps."""
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second signal while leaving ends the process
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise Interrupted(signum)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def cmd_coordinator(a: argparse.Namespace) -> int:
     setup_logging(a.log_level, a.id)
     swarm = Swarm(PeerConfig(peer_id=a.id, host=a.host, port=a.port, swarm=a.swarm, coordinator=True,
@@ -343,12 +367,16 @@ def cmd_peer(a: argparse.Namespace) -> int:
                                 bandwidth_probes=not a.no_bandwidth_probes,
                                 max_early_bytes=int(a.max_early_mb * (1 << 20)))
     swarm = Swarm(cfg)
-    print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,
-                      "bound": swarm.node.transport.addr}), flush=True)
     stop = threading.Event()
-    _wait_for_signal(stop)
     record = open(a.record, "a", encoding="utf-8") if a.record else None
     try:
+        if a.workload == "bench" or a.workload.startswith("catchup"):
+            _interrupt_on_signal()
+        else:
+            _wait_for_signal(stop)
+        # after the handlers: from this line on, a signal leaves the swarm
+        print(json.dumps({"event": "listening", "id": swarm.id, "addr": swarm.addr,
+                          "bound": swarm.node.transport.addr}), flush=True)
         swarm.wait_admitted(timeout=cfg.timeouts.join_timeout)
         summary: dict[str, Any]
         if training is not None:
@@ -368,6 +396,9 @@ def cmd_peer(a: argparse.Namespace) -> int:
                                   codec=None if a.codec == "none" else a.codec)
             summary = run_allreduce(swarm, w, record, sys.stderr if a.progress else None, stop=stop)
         print(json.dumps({"event": "done", **summary}), flush=True)
+    except Interrupted as exc:
+        print(json.dumps({"event": "interrupted", "reason": str(exc)}), flush=True)
+        return 128 + exc.signum
     finally:
         if record is not None:
             record.close()
