@@ -7,6 +7,9 @@ All-reduce is the pipelined ring: reduce-scatter then all-gather, N-1 steps each
 split into slices of at most ``slice_bytes`` (each slice is forwarded as soon as it is reduced). Peer ``r``
 ends the reduce-scatter owning chunk ``(r+1) % N``; the owner finishes it (``avg`` divides there) and the
 all-gather forwards those exact bytes unchanged, so every member ends with bit-identical results (I1).
+A small all-reduce runs in one step instead (``DirectAllReduce``, chosen by ``direct``): each member sends
+its buffer to every other and reduces the N contributions itself, in ring order, with arithmetic that is
+exact on every CPU.
 
 Memory discipline: a buffer handed out in a ``Send`` is never written again by this op (sends are
 zero-copy), and the caller's buffers are only read until the commit. When the driver says it owns every
@@ -31,7 +34,21 @@ import numpy as np
 from collectives import tensors
 from collectives.codecs import Codec
 from collectives.errors import LocalError, ProtocolError
-from collectives.wire import (PHASE_ALL_GATHER, PHASE_BROADCAST, PHASE_P2P, PHASE_REDUCE_SCATTER, Chunk)
+from collectives.wire import (PHASE_ALL_GATHER, PHASE_BROADCAST, PHASE_DIRECT, PHASE_P2P, PHASE_REDUCE_SCATTER,
+                              Chunk)
+
+# An all-reduce whose buffer, times the other members, is at most this many bytes runs in one step
+# (``DirectAllReduce``): for the tiny ops of DiLoCo's bookkeeping, one message latency instead of 2(N-1).
+DIRECT_MAX_BYTES = 256 * 1024
+
+
+def direct(nbytes: int, n: int, reduce_op: str = "sum", dtype: str = "float32") -> bool:
+    """Whether an uncompressed all-reduce of ``nbytes`` among ``n`` members runs as ``DirectAllReduce``
+    (every member decides alike: the size, the members, the op and the dtype are the op's). Float min/max
+    stay in the ring: which of +0/-0, or of two NaNs, they return depends on numpy's code path, which
+    members on other CPUs need not share; sums are IEEE-exact everywhere (NaNs are made canonical)."""
+    exact = reduce_op in ("sum", "avg") or tensors.DTYPES[dtype].kind in "iu" and dtype != "bfloat16"
+    return n >= 2 and exact and nbytes * (n - 1) <= DIRECT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -176,7 +193,39 @@ class RingOp:
         return arr
 
 
-class AllReduce(RingOp):
+class HeldResult(RingOp):
+    """A result held slice by slice (``held``: slice start -> (stop, final values)) until the commit
+    copies it into the caller's buffer (``write_into``)."""
+
+    src: np.ndarray
+
+    def __init__(self, op: OpId, ring: list[str], me: str, dtype: str, slice_bytes: int) -> None:
+        super().__init__(op, ring, me, dtype, slice_bytes)
+        self.held: dict[int, tuple[int, np.ndarray]] = {}
+        self._result: np.ndarray | None = None
+
+    @property
+    def result(self) -> np.ndarray:  # type: ignore[override]
+        """The whole result as one array (a copy, made on first use; the driver uses ``write_into``)."""
+        if self._result is None:
+            self._result = np.empty_like(self.src)
+            self.write_into(self._result)
+        return self._result
+
+    def write_into(self, dest: np.ndarray) -> None:
+        """Copy the result into ``dest`` (the commit: one pass over the buffer)."""
+        if dest.size != self.src.size:
+            raise LocalError(f"result has {self.src.size} elements, destination {dest.size}")
+        for lo, (hi, values) in self.held.items():
+            target = dest[lo:hi]
+            if not np.may_share_memory(target, values):  # n == 1 in place: already there
+                np.copyto(target, values)
+
+    def _final(self, lo: int, hi: int) -> Any:
+        return self.held[lo][1]
+
+
+class AllReduce(HeldResult):
     """Ring all-reduce of ``src``; ``write_into(out)`` puts the result in ``out`` (which may be ``src``
     itself) at commit, and nothing writes the caller's buffers before that.
 
@@ -202,8 +251,6 @@ class AllReduce(RingOp):
         self.acc: np.ndarray | None = None  # scratch, made on first use (``_scratch_slice``)
         self.started = False
         self.landed: set[tuple[int, int, int]] = set()  # chunks whose bytes ``landing`` placed in ``acc``
-        self.held: dict[int, tuple[int, np.ndarray]] = {}  # slice start -> (stop, final values)
-        self._result: np.ndarray | None = None
         self.chunks = tensors.chunk_bounds(src.size, self.n)
         self.parts = [tensors.slice_bounds(lo, hi, self.itemsize, slice_bytes) for lo, hi in self.chunks]
         # RS receives N-1 chunks, AG receives N-1 chunks.
@@ -212,26 +259,6 @@ class AllReduce(RingOp):
         if self.n == 1:
             for lo, hi in self.parts[0]:
                 self.held[lo] = (hi, src[lo:hi])
-
-    @property
-    def result(self) -> np.ndarray:  # type: ignore[override]
-        """The whole result as one array (a copy, made on first use; the driver uses ``write_into``)."""
-        if self._result is None:
-            self._result = np.empty_like(self.src)
-            self.write_into(self._result)
-        return self._result
-
-    def write_into(self, dest: np.ndarray) -> None:
-        """Copy the result into ``dest`` (the commit: one pass over the buffer)."""
-        if dest.size != self.src.size:
-            raise LocalError(f"result has {self.src.size} elements, destination {dest.size}")
-        for lo, (hi, values) in self.held.items():
-            target = dest[lo:hi]
-            if not np.may_share_memory(target, values):  # n == 1 in place: already there
-                np.copyto(target, values)
-
-    def _final(self, lo: int, hi: int) -> Any:
-        return self.held[lo][1]
 
     def _rs_chunk(self, step: int) -> int:
         return (self.rank - step - 1) % self.n
@@ -329,6 +356,68 @@ class AllReduce(RingOp):
         if msg.step < last:
             return [self._send(self.right, PHASE_ALL_GATHER, msg.step + 1, msg.part, payload, hi - lo)]
         return []
+
+
+class DirectAllReduce(HeldResult):
+    """All-reduce of a small buffer in one step: every member sends its whole buffer to every other member
+    (in slices of at most ``slice_bytes``), and each reduces the N contributions in ring order, slice by
+    slice: ``(c0 op c1) op c2 ...``. Every member computes the same operations on the same bytes in the
+    same order, so the results are bit-identical (I1) without any forwarding, also for operations that are
+    not commutative bitwise (min/max of +0/-0, NaN payloads). One message latency instead of the ring's
+    2(N-1); each member sends (N-1) times the buffer (the ring: 2(N-1)/N times), hence only for buffers
+    where that is small (``direct``). Members need not share a CPU or a numpy build, so the ring's rule
+    "computed once, forwarded" is replaced by operations that are exact everywhere: sums (IEEE), with
+    every NaN of the result made the canonical quiet NaN (the payload that survives a sum of NaNs depends
+    on the code path), and min/max on integers only (``direct``). A chunk's ``step`` is its sender's rank.
+    Nothing is written to the caller's buffer before the commit; the contributions are held by reference
+    until the last arrives."""
+
+    def __init__(self, op: OpId, ring: list[str], me: str, src: np.ndarray, dtype: str, reduce_op: str,
+                 slice_bytes: int) -> None:
+        super().__init__(op, ring, me, dtype, slice_bytes)
+        if reduce_op not in tensors.REDUCE_OPS:
+            raise ValueError(f"unknown reduce op {reduce_op}")
+        if not direct(0, max(2, len(ring)), reduce_op, dtype):
+            raise LocalError(f"{reduce_op} of {dtype} is not exact on every CPU: it runs in the ring")
+        self.src, self.reduce_op = src, reduce_op
+        self.parts = tensors.slice_bounds(0, src.size, self.itemsize, slice_bytes)
+        self.contrib: list[list[Any]] = [[None] * len(self.parts) for _ in range(self.n)]
+        self.contrib[self.rank] = [src[lo:hi] for lo, hi in self.parts]
+        self.remaining = (self.n - 1) * len(self.parts)
+        if self.n == 1:
+            self._reduce()
+
+    def start(self) -> list[Send]:
+        return [self._send(peer, PHASE_DIRECT, self.rank, k, self.src[lo:hi], hi - lo)
+                for peer in self.ring if peer != self.me for k, (lo, hi) in enumerate(self.parts)]
+
+    def on_chunk(self, sender: str, msg: Chunk, payload: Any) -> list[Send]:
+        if sender == self.me or sender not in self.ring:
+            raise ProtocolError(f"direct all-reduce chunk from {sender}, not another member")
+        r = self.ring.index(sender)
+        if msg.step != r:
+            raise ProtocolError(f"direct all-reduce chunk from {sender} (rank {r}) says step {msg.step}")
+        self.contrib[r][msg.part] = self._accept(sender, msg, payload, sender, PHASE_DIRECT, self.n, self.parts)
+        if self.remaining == 0:
+            self._reduce()
+        return []
+
+    def _reduce(self) -> None:
+        acc = self._scratch(self.src.size, self.src.dtype) if self.n > 1 else None
+        for k, (lo, hi) in enumerate(self.parts):
+            if acc is None:  # a single member: its own buffer is the result
+                out = self.src[lo:hi]
+            else:
+                out = acc[lo:hi]
+                tensors.reduce_into(out, self.contrib[0][k], self.contrib[1][k], self.reduce_op, self.dtype)
+                for r in range(2, self.n):
+                    tensors.reduce_into(out, out, self.contrib[r][k], self.reduce_op, self.dtype)
+                if self.reduce_op == "avg":
+                    tensors.finish_avg(out, self.n, self.dtype)
+                tensors.canonical_nans(out, self.dtype)
+            self.held[lo] = (hi, out)
+            self._check_later(lo, out)
+        self.contrib = []
 
 
 class AllGather(RingOp):

@@ -153,6 +153,15 @@ def finish_avg(x: np.ndarray, n: int, dtype: str) -> None:
         np.divide(x, x.dtype.type(n), out=x)
 
 
+def canonical_nans(x: np.ndarray, dtype: str) -> None:
+    """In place: every NaN becomes the canonical quiet NaN (positive, payload 0). No-op for integers."""
+    if dtype == "bfloat16":
+        nan = ((x & 0x7F80) == 0x7F80) & ((x & 0x007F) != 0)
+        np.copyto(x, np.uint16(0x7FC0), where=nan)
+    elif x.dtype.kind == "f":
+        np.copyto(x, x.dtype.type(np.nan), where=np.isnan(x))
+
+
 def reference_reduce(arrays: Sequence[np.ndarray], op: str, dtype: str) -> np.ndarray:
     """Left-to-right reduction of several arrays (what a test compares against)."""
     acc = arrays[0].copy()

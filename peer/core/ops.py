@@ -207,7 +207,11 @@ class OpEngine:
         work = spec.views[0] if len(spec.views) == 1 else np.concatenate(spec.views)
         core: Any
         in_place = spec.kind == "all_reduce" and len(spec.views) == 1
-        if spec.kind == "all_reduce":
+        small = ring.direct(work.nbytes, len(members), spec.reduce_op, spec.dtype)
+        if spec.kind == "all_reduce" and codecs.get(spec.codec) is None and small:
+            core = ring.DirectAllReduce(opid, list(members), self.me, work, spec.dtype, spec.reduce_op,
+                                        self.slice_bytes)
+        elif spec.kind == "all_reduce":
             core = ring.AllReduce(opid, list(members), self.me, work, spec.dtype, spec.reduce_op,
                                   self.slice_bytes, out=work if in_place else None, codec=codecs.get(spec.codec))
         elif spec.kind == "all_gather":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from collectives import tensors
+from collectives import ring, tensors
 from peer import Swarm
 from peer.train.diloco import DiLoCo, RoundRecord, flatten_params, fragment_bounds, state_digest
 from tests.helpers import InProcess, run_all
@@ -72,10 +72,16 @@ def train(swarm: Swarm, index: int, rounds: int, hook: Optional[Callable[[RoundR
 # ---------------------------------------------------------------- the single-process reference
 
 def ring_sum(arrays: list[np.ndarray]) -> np.ndarray:
-    """The sum a ring all-reduce computes, bit for bit: chunk c (of n contiguous chunks) is accumulated
-    starting at ring position c, each next member adding its own values to the running sum
-    (collectives.ring.AllReduce)."""
+    """The sum an all-reduce computes, bit for bit, of ``arrays`` in ring order. A small one
+    (``collectives.ring.direct``) adds them left to right (``DirectAllReduce``). Otherwise, in the ring
+    (``AllReduce``), chunk c (of n contiguous chunks) is accumulated starting at ring position c, each next
+    member adding its own values to the running sum."""
     n, out = len(arrays), np.empty_like(arrays[0])
+    if ring.direct(arrays[0].nbytes, n):
+        acc = arrays[0].copy()
+        for a in arrays[1:]:
+            acc = np.add(acc, a)
+        return acc
     for c, (lo, hi) in enumerate(tensors.chunk_bounds(arrays[0].size, n)):
         acc = arrays[c][lo:hi].copy()
         for k in range(1, n):

@@ -152,12 +152,14 @@ def test_sealed_chunks_decrypt_into_the_ops_scratch_and_the_result_is_exact(inpr
 
     _, peers = form_swarm(inproc, 3, slice_bytes=16 * 1024)
     rng = np.random.default_rng(11)
+    elems = 100_001  # a ring all-reduce for every dtype here (not ``ring.direct``)
     for _ in range(3):
         if dtype == "int32":
-            inputs = [torch.from_numpy(rng.integers(-1000, 1000, 50_001).astype(np.int32)) for _ in peers]
+            inputs = [torch.from_numpy(rng.integers(-1000, 1000, elems).astype(np.int32)) for _ in peers]
         else:
             tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-            inputs = [torch.from_numpy(rng.standard_normal(50_001).astype(np.float32)).to(tdt) for _ in peers]
+            inputs = [torch.from_numpy(rng.standard_normal(elems).astype(np.float32)).to(tdt) for _ in peers]
+        assert not ring.direct(inputs[0].numel() * inputs[0].element_size(), len(peers))
         bufs = [x.clone() for x in inputs]
         run_all([lambda p=p, b=b: p.comm.all_reduce(b, op=op, timeout=30) for p, b in zip(peers, bufs)])
         views = [tensors.flat_view(b)[0] for b in bufs]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from collectives import wire
+from collectives import ring, wire
 from collectives.errors import OpAborted
 from peer.core.actions import Action, Data, Suspect, ToCoordinator
 from peer.core.ops import OpEngine, OpSpec
@@ -19,6 +19,9 @@ from peer.handle import Handle
 pytestmark = pytest.mark.timeout(30)
 
 SLICE = 1 << 12  # 1024 float32 per slice: several slices per chunk
+# float32 elements of an all-reduce that runs in one step (ring.DirectAllReduce), and of one that runs
+# in the ring (ring.AllReduce), between two members
+SIZES = {"direct": 5000, "ring": ring.DIRECT_MAX_BYTES // 4 + 5000}
 
 
 def engines() -> dict[str, OpEngine]:
@@ -51,13 +54,16 @@ def run(engs: dict[str, OpEngine], first: dict[str, list[Action]]) -> dict[str, 
     return to_coord
 
 
-def test_an_all_reduce_reads_top_to_bottom_as_actions() -> None:
+@pytest.mark.parametrize("algo", list(SIZES))
+def test_an_all_reduce_reads_top_to_bottom_as_actions(algo: str) -> None:
     engs = engines()
     rng = np.random.default_rng(0)
-    xs = {m: rng.standard_normal(10_000).astype(np.float32) for m in engs}
+    xs = {m: rng.standard_normal(SIZES[algo]).astype(np.float32) for m in engs}
     orig = {m: x.copy() for m, x in xs.items()}
     handles = {m: Handle("all_reduce") for m in engs}
     first = {m: engs[m].issue(OpSpec("all_reduce", [xs[m]]), handles[m], 0.0) for m in engs}
+    core = engs["a"].ops[(5, "w", 0)].core
+    assert type(core) is (ring.DirectAllReduce if algo == "direct" else ring.AllReduce)
     assert all(acts and all(isinstance(a, Data) for a in acts) for acts in first.values())
     asked = run(engs, first)
     for m in engs:
@@ -72,10 +78,11 @@ def test_an_all_reduce_reads_top_to_bottom_as_actions() -> None:
     assert np.array_equal(xs["a"], orig["a"] + orig["b"])
 
 
-def test_an_aborted_op_leaves_the_callers_buffer_as_it_was() -> None:
+@pytest.mark.parametrize("algo", list(SIZES))
+def test_an_aborted_op_leaves_the_callers_buffer_as_it_was(algo: str) -> None:
     engs = engines()
-    x = np.arange(5000, dtype=np.float32)
-    y = np.ones(5000, dtype=np.float32)
+    x = np.arange(SIZES[algo], dtype=np.float32)
+    y = np.ones(SIZES[algo], dtype=np.float32)
     ha, hb = Handle("all_reduce"), Handle("all_reduce")
     first = {"a": engs["a"].issue(OpSpec("all_reduce", [x]), ha, 0.0),
              "b": engs["b"].issue(OpSpec("all_reduce", [y]), hb, 0.0)}
@@ -83,13 +90,13 @@ def test_an_aborted_op_leaves_the_callers_buffer_as_it_was() -> None:
     engs["a"].on_verdict(wire.OpVerdict(1, 5, "w", 0, False, 0, "b: stalled"), 1.0)
     with pytest.raises(OpAborted):
         ha.wait(0)
-    assert np.array_equal(x, np.arange(5000, dtype=np.float32))
+    assert np.array_equal(x, np.arange(SIZES[algo], dtype=np.float32))
 
 
 def test_bad_data_turns_into_a_suspect_and_an_abort_request() -> None:
     engs = engines()
     h = Handle("all_reduce")
-    engs["a"].issue(OpSpec("all_reduce", [np.zeros(4096, np.float32)]), h, 0.0)
+    engs["a"].issue(OpSpec("all_reduce", [np.zeros(SIZES["ring"], np.float32)]), h, 0.0)
     bad = wire.Chunk(5, "w", 0, wire.PHASE_REDUCE_SCATTER, 0, 0, "float32", 3)  # wrong element count
     out = engs["a"].on_chunk("b", bad, np.zeros(3, np.float32).view(np.uint8), 0.1)
     kinds = [type(a) for a in out]
