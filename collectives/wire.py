@@ -20,7 +20,9 @@ from collectives.wire_ids import check_addr as check_addr, check_group as check_
 from collectives.wire_ids import check_peer_id as check_peer_id, clip as clip
 from collectives.wire_ids import op_key as op_key, parse_op_key as parse_op_key
 
-VERSION = 2  # 2: Stale carries refused_epoch (peers of different versions refuse each other's messages)
+# Peers of different versions refuse each other's messages. 2: Stale carries refused_epoch. 3: a small
+# all-reduce runs in one step (PHASE_DIRECT, ``ring.direct``): members must agree on which ops do.
+VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 MAX_STR = 1024
 MAX_BYTES = 4096
