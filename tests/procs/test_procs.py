@@ -17,7 +17,9 @@ from peer.sim.history import check_records
 from peer.sim.procs import LocalProcs
 from tests.helpers import FAST_ARGS, HB_TIMEOUT
 
-ELEMS = 20_000
+# the ring (``ring.AllReduce``) at every swarm size here; a smaller buffer would run in one step
+# (``ring.DirectAllReduce``), which the inproc DiLoCo tests kill mid-sync
+ELEMS = 70_000
 
 
 def _peer_args(duration: float, elems: int = ELEMS) -> list[str]:

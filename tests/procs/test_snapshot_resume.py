@@ -9,14 +9,16 @@ the coordinator too), then
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from recovery.snapshot import open_snapshot
+from recovery.snapshot import list_snapshots, open_snapshot
 from tests.helpers import check_resumed, corrupt_copy
-from tests.procs.test_local_group import BATCH, H, LR, MU, OUTER_LR, launch_machine
+from tests.procs.test_local_group import BATCH, H, LR, MU, OUTER_LR, Machine, launch_machine
 
 pytestmark = pytest.mark.timeout(300)  # 5 processes importing torch: ~25 s each on a loaded 2-core box
 
@@ -29,6 +31,24 @@ def args(tmp: Path, index: int, extra: list[str]) -> list[str]:
             *extra]
 
 
+def _newest_revision(root: Path) -> int:
+    snaps = list_snapshots(root)
+    return snaps[-1][0] if snaps else -1
+
+
+def _kill_and_drain(m: Machine) -> None:
+    """SIGKILL every rank, then keep the complete lines each printed before it died (a snapshot can be newer
+    than the last event read: its round was printed right after the capture, before the write finished)."""
+    for p in m.procs:
+        if p.poll() is None:
+            p.kill()
+    for rank, p in enumerate(m.procs):
+        p.wait(10)
+        assert p.stdout is not None
+        complete = p.stdout.read().split("\n")[:-1]  # the last piece has no newline: cut short, or empty
+        m.lines[rank].extend(json.loads(line) for line in complete if line.strip())
+
+
 def test_kill_every_peer_then_resume_the_swarm_from_snapshots(tmp_path: Path) -> None:
     first = launch_machine(tmp_path, "a", 1, args(tmp_path, 0, ["--bootstrap", "--outer-steps", "1000"]))
     try:
@@ -39,10 +59,17 @@ def test_kill_every_peer_then_resume_the_swarm_from_snapshots(tmp_path: Path) ->
                 e = first.until(0, "round", 120)
                 if e["committed"] and e["revision"] >= 3:
                     break
+            # snapshots are written in a thread: the kill below must find one of revision 2 or later
+            # complete (training goes on meanwhile)
+            deadline = time.monotonic() + 60
+            while _newest_revision(tmp_path / "snap0") < 2:
+                assert time.monotonic() < deadline, "no complete snapshot of revision >= 2 within 60 s"
+                time.sleep(0.1)
         finally:
             second.close()  # SIGKILL
     finally:
-        first.close()       # SIGKILL: the whole swarm, coordinator included, is gone
+        _kill_and_drain(first)  # the whole swarm, coordinator included, is gone
+        first.close()
     snap = open_snapshot(tmp_path / "snap0")
     snap.verify()
     assert snap.revision >= 2
